@@ -1,0 +1,50 @@
+# Every target that needs Python runs `setup` first, so `make train` and `make test` each work
+# as a single command on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The torch pair installed on these machines; override for another CUDA stack:
+#   make setup TORCH_PINS="torch==2.5.1 torchvision==0.20.1"
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.distvae-installed
+
+SYNTH_DIR ?= data/synth
+SYNTH_N ?= 6000
+SHARDS_DIR ?= shards/synth
+TRAIN_ARGS ?=
+
+.PHONY: setup test test-fast lint train bench clean
+
+setup: $(STAMP)
+
+# Reinstalled whenever pyproject.toml or this Makefile changes (a stale venv is rebuilt in place).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+test-fast: setup lint
+	$(VENV)/bin/pytest -m 'not slow'
+
+$(SYNTH_DIR)/list_eval_partition.txt: | $(STAMP)
+	$(VENV)/bin/distvae synth --out $(SYNTH_DIR) --n $(SYNTH_N)
+
+$(SHARDS_DIR)/manifest.json: $(SYNTH_DIR)/list_eval_partition.txt
+	$(VENV)/bin/distvae pack --src $(SYNTH_DIR) --out $(SHARDS_DIR) --name synth --shard-size 500
+
+train: setup $(SHARDS_DIR)/manifest.json
+	$(VENV)/bin/distvae train --config tiny $(TRAIN_ARGS)
+
+bench: setup
+	$(VENV)/bin/distvae bench data
+
+clean:
+	rm -rf runs wandb $(SYNTH_DIR) $(SHARDS_DIR)

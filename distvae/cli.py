@@ -1,0 +1,116 @@
+"""The `distvae` command.
+
+    distvae train --config tiny [key=value ...]        # one process; multi-GPU: accelerate launch distvae/train.py
+    distvae info --config celeba128 [key=value ...]    # layer table, parameters, activation memory
+    distvae synth --out data/synth --n 20000           # built-in synthetic CelebA-layout face set
+    distvae pack --src data/celeba --out shards/celeba [--resolution 64] [--workers 8]
+    distvae bench data [--resolution 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distvae.config import add_config_arguments, config_from_args
+from distvae.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distvae", description="Train convolutional VAEs on faces.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a VAE in this process (see README for multi-GPU launches)")
+    add_config_arguments(train)
+
+    info = commands.add_parser("info", help="print a model's layers, parameter count and activation memory")
+    add_config_arguments(info)
+
+    synth = commands.add_parser("synth", help="write the built-in synthetic face set in CelebA's layout")
+    synth.add_argument("--out", required=True, help="folder to create (img_align_celeba/, list_*.txt)")
+    synth.add_argument("--n", type=int, default=20000, help="number of images")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    synth.add_argument("--force", action="store_true", help="replace a set already in --out")
+
+    pack = commands.add_parser("pack", help="pack a CelebA root or an image folder into webdataset shards")
+    pack.add_argument("--src", required=True, help="CelebA root (img_align_celeba/ + list files) or any image folder")
+    pack.add_argument("--out", required=True, help="output folder for NAME-SPLIT-000000.tar and manifest.json")
+    pack.add_argument("--name", default=None, help="shard name prefix (default: celeba for a CelebA root, else the folder name)")
+    pack.add_argument("--resolution", type=int, default=0, help="pre-crop and resize to this size; 0 keeps the original bytes")
+    pack.add_argument("--format", dest="image_format", default="npy", choices=("npy", "png", "jpg"),
+                      help="image encoding of pre-resized samples (npy = raw uint8, the fastest to read)")
+    pack.add_argument("--workers", type=int, default=1, help="decoding processes")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pack.add_argument("--val-fraction", type=float, default=0.1, help="plain folders: share of images for val")
+    pack.add_argument("--test-fraction", type=float, default=0.1, help="plain folders: share of images for test")
+    pack.add_argument("--force", action="store_true", help="replace shards and manifest already in --out")
+
+    bench = commands.add_parser("bench", help="measure the data stream against the reference loader")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
+    bench_data = bench_kinds.add_parser("data", help="images/s per core: reference loader vs our stream")
+    bench_data.add_argument("--source", default=None, help="CelebA-layout folder (default: a synthetic set made on the spot)")
+    bench_data.add_argument("--resolution", type=int, default=64)
+    bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
+    bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command in ("train", "info"):
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.command == "info":
+            from distvae.info import print_info
+
+            print_info(cfg)
+            return 0
+        from distvae.train import train
+
+        return train(cfg)
+    if args.command == "synth":
+        from distvae.synth import make_synthetic_celeba
+
+        make_synthetic_celeba(args.out, n=args.n, seed=args.seed, force=args.force)
+        return 0
+    if args.command == "pack":
+        from distvae.pack import pack
+
+        pack(
+            src=args.src,
+            out=args.out,
+            name=args.name,
+            resolution=args.resolution,
+            image_format=args.image_format,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            force=args.force,
+        )
+        return 0
+    if args.command == "bench" and args.bench_kind == "data":
+        from distvae.bench import bench_data
+
+        bench_data(source=args.source, resolution=args.resolution, seconds=args.seconds, json_path=args.json)
+        return 0
+    parser.print_help()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except UserError as error:
+        print(f"distvae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

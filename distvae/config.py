@@ -1,0 +1,359 @@
+"""One config tree for everything: defaults in code, a YAML file on top, dotted overrides on top of that.
+
+    from distvae.config import load_config
+    cfg = load_config("celeba128", ["model.latent_dim=256", "train.lr=1e-3"])
+
+Named configs live in `distvae/configs/NAME.yaml`; a path to any YAML file works too. An unknown key, a
+value of the wrong type or an impossible combination raises `ConfigError` with one line that names the
+key (and the nearest valid key for typos) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from distvae.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in the config: the message is one line that says what to fix."""
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: checkpoints, resolved config, samples, tracker files
+    seed: int = 0  # seeds weight init, data order and the reparameterisation noise
+    name: str = ""  # run name shown in trackers; empty = the last part of run.dir
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("run.dir must not be empty")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "shards/synth/synth-train-{000000..000003}.tar"  # brace pattern, comma list or manifest.json
+    val_shards: str = ""  # same forms as train_shards; empty = no validation
+    batch_size: int = 64  # images per process per micro-step
+    num_workers: int = 2  # decoding processes per rank; 0 = decode in the training process
+    crop: int = 168  # centre crop (pixels) of full-size images before resizing; 0 = crop to the shorter side
+    hflip: bool = False  # random horizontal flips (deterministic per sample, seed and epoch)
+    shuffle_buffer: int = 1000  # samples held for shuffling within a worker; 0 = read order
+
+    def __post_init__(self) -> None:
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.crop", self.crop, 0)
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 64  # image height and width in pixels; divisible by 2**len(model.hiddens)
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    hiddens: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # channels of each stride-2 stage
+    latent_dim: int = 128  # size of z
+    output: str = "sigmoid"  # decoder output activation: sigmoid | relu (the reference) | none
+    norm: str = "batch"  # normalisation after each conv: batch | group | none
+    cond_dim: int = 0  # length of the condition vector (40 = CelebA attributes); 0 = unconditional
+
+    def __post_init__(self) -> None:
+        _at_least("model.resolution", self.resolution, 4)
+        _choice("model.channels", str(self.channels), ("1", "3"))
+        if not self.hiddens:
+            raise ConfigError("model.hiddens must list at least one stage width, e.g. [32, 64, 128]")
+        for width in self.hiddens:
+            _at_least("model.hiddens", width, 1)
+        _at_least("model.latent_dim", self.latent_dim, 1)
+        _choice("model.output", self.output, ("sigmoid", "relu", "none"))
+        _choice("model.norm", self.norm, ("batch", "group", "none"))
+        _at_least("model.cond_dim", self.cond_dim, 0)
+        stride = 2 ** len(self.hiddens)
+        if self.resolution % stride:
+            raise ConfigError(
+                f"model.resolution={self.resolution} is not divisible by 2**len(model.hiddens)={stride}: "
+                f"change model.resolution or the number of model.hiddens stages"
+            )
+        if self.norm == "group" and any(width % 8 for width in self.hiddens):
+            raise ConfigError("model.norm=group needs every model.hiddens width divisible by 8")
+
+
+@dataclass
+class LossConfig:
+    recon: str = "mse"  # reconstruction term: mse | bce (needs model.output=sigmoid)
+    reduction: str = "sum"  # sum = summed over pixels, mean over images; mean = mean over all elements
+    kl_weight: float = 1.0  # weight of the KL term (see loss.py for how it scales with reduction and resolution)
+    kl_warmup_steps: int = 0  # KL weight rises linearly from 0 over this many optimizer steps
+
+    def __post_init__(self) -> None:
+        _choice("loss.recon", self.recon, ("mse", "bce"))
+        _choice("loss.reduction", self.reduction, ("sum", "mean"))
+        _at_least("loss.kl_weight", self.kl_weight, 0.0)
+        _at_least("loss.kl_warmup_steps", self.kl_warmup_steps, 0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10_000  # optimizer steps in the whole run
+    lr: float = 1e-3  # peak learning rate (Adam)
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW); 0 = plain Adam
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    lr_schedule: str = "cosine"  # cosine | constant, after the warm-up
+    warmup_steps: int = 0  # linear LR warm-up in optimizer steps
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "no"  # no | bf16 | fp16 autocast; weights stay fp32
+    compile: bool = False  # torch.compile the model (slow first step, faster after)
+    channels_last: bool = False  # NHWC memory format for convolutions
+    sync_bn: bool = False  # SyncBatchNorm across ranks instead of per-rank batch statistics
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
+    val_every_steps: int = 500  # validation interval in steps; 0 = only at the end
+    val_batches: int = 0  # cap on validation batches per rank; 0 = the whole split
+
+    def __post_init__(self) -> None:
+        _at_least("train.max_steps", self.max_steps, 1)
+        _at_least("train.lr", self.lr, 0.0)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _choice("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.grad_clip", self.grad_clip, 0.0)
+        _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _at_least("train.max_bad_steps", self.max_bad_steps, 1)
+        _at_least("train.val_every_steps", self.val_every_steps, 0)
+        _at_least("train.val_batches", self.val_batches, 0)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # save interval in optimizer steps (also saved at the end and on a stop signal)
+    keep_last: int = 3  # complete checkpoints kept; never fewer than 2
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.every_steps", self.every_steps, 1)
+        if self.keep_last < 2:
+            raise ConfigError(
+                f"checkpoint.keep_last={self.keep_last} must be >= 2 so a crash while saving never leaves no checkpoint"
+            )
+
+
+@dataclass
+class LogConfig:
+    tracker: str = "none"  # wandb | none
+    project: str = "distvae"  # wandb project
+    every_steps: int = 50  # scalar logging interval (steps)
+    image_every_steps: int = 1000  # sample grid and reconstruction interval (steps); 0 = never
+
+    def __post_init__(self) -> None:
+        _choice("log.tracker", self.tracker, ("wandb", "none"))
+        _at_least("log.every_steps", self.every_steps, 1)
+        _at_least("log.image_every_steps", self.image_every_steps, 0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.recon == "bce" and self.model.output != "sigmoid":
+            raise ConfigError("loss.recon=bce needs model.output=sigmoid (BCE is defined for outputs in [0, 1])")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _section_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for section, section_cls in _section_types(Config).items():
+        keys += [f"{section}.{name}" for name in _section_types(section_cls)]
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(_section_types(Config))}"
+    return ConfigError(f"unknown config key {key}{hint}")
+
+
+def _coerce(key: str, value, kind):
+    """Turn a YAML or command-line value into the field's type, or say which key is wrong."""
+    bad = ConfigError(f"{key}={value!r} is not a valid {getattr(kind, '__name__', kind)}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise bad
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise bad from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return "" if value is None else str(value)
+    if typing.get_origin(kind) is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [part for part in value.strip("[]").replace(" ", "").split(",") if part]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, item, item_kind) for item in value]
+    raise bad
+
+
+def _merge(tree: dict, updates: dict, origin: str) -> None:
+    """Merge {section: {key: value}} into tree, checking every key and type."""
+    sections = _section_types(Config)
+    for section, values in updates.items():
+        if section not in sections:
+            raise _unknown_key(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {values!r}")
+        fields = _section_types(sections[section])
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in fields:
+                raise _unknown_key(key)
+            tree[section][name] = _coerce(key, value, fields[name])
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name} does not exist")
+        return path
+    named = CONFIG_DIR / f"{name}.yaml"
+    if not named.is_file():
+        names = named_configs()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"no config named {name!r}; {hint}choose one of {', '.join(names)} or pass a YAML path")
+    return named
+
+
+def named_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        sections = {name: cls(**tree[name]) for name, cls in _section_types(Config).items()}
+    except TypeError as error:  # a field a hand-built dict left out
+        raise ConfigError(str(error)) from None
+    return Config(**sections)
+
+
+def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML (a named config or a path) <- dotted overrides, checked as a whole."""
+    tree = _defaults_tree()
+    if name:
+        path = resolve_config_path(name)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections such as model: and train:")
+        _merge(tree, data, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name_ = key.partition(".")
+        if not name_:
+            raise _unknown_key(key)
+        _merge(tree, {section: {name_: value}}, "the command line")
+    return build_config(tree)
+
+
+def _defaults_tree() -> dict:
+    """The defaults as a dict, built without validation so a YAML file can fix a default that needs company."""
+    tree = {}
+    for section, cls in _section_types(Config).items():
+        tree[section] = {}
+        for spec in dataclasses.fields(cls):
+            if spec.default is not dataclasses.MISSING:
+                tree[section][spec.name] = spec.default
+            else:
+                tree[section][spec.name] = spec.default_factory()
+    return tree
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved with to_dict() (for example inside a checkpoint), checking it again."""
+    full = _defaults_tree()
+    _merge(full, tree, "the saved config")
+    return build_config(full)
+
+
+def add_config_arguments(parser) -> None:
+    """The config flags every config-driven command shares (train, info, and later sample/evaluate)."""
+    parser.add_argument("--config", default=None, help=f"named config ({', '.join(named_configs())}) or a YAML path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)
