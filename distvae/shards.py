@@ -1,0 +1,280 @@
+"""Finding shards and reading them fast.
+
+Shard specs accepted wherever a config asks for shards (`data.train_shards`, `data.val_shards`):
+
+    shards/celeba/celeba-train-{000000..000039}.tar        brace pattern
+    shards/a.tar,shards/b.tar                              comma-separated list
+    shards/celeba/manifest.json                            the packer's manifest (split from the role,
+    shards/celeba/manifest.json#val                        or named after '#')
+    http://host/celeba/celeba-train-{000000..000039}.tar   http(s) URLs
+    pipe:aws s3 cp s3://bucket/celeba-train-000000.tar -   any command that writes a tar to stdout
+
+Every shard needs a sample count (the stream plans equal work for every rank before reading): it comes
+from the `manifest.json` next to the shards when there is one, otherwise from one pass over the tar.
+
+`read_samples` is a lean tar reader for the training stream: webdataset's generic pipeline costs
+0.13-0.2 ms per sample before any decoding, more than a pre-resized 64 px image takes to load. It
+parses USTAR/GNU headers itself, groups members into samples by key, and skips the payload of samples
+it does not need (a seek for local files), so resuming mid-epoch never reads what it skips.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from distvae.errors import UserError
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path, http(s):// URL or pipe:command
+    samples: int  # number of samples (image + metadata groups) in the tar
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to the end (truncated, corrupt header, failed download)."""
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def _split_list(spec: str) -> list[str]:
+    """Split on commas that are not inside braces ({000..009} and {a,b} stay whole)."""
+    parts, depth, current = [], 0, ""
+    for char in spec:
+        depth += char == "{"
+        depth -= char == "}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _read_json(url: str) -> dict | None:
+    try:
+        if _is_remote(url):
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return json.loads(response.read())
+        path = Path(url)
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _sibling(url: str, name: str) -> str | None:
+    if url.startswith("pipe:"):
+        return None
+    if _is_remote(url):
+        return urllib.parse.urljoin(url, name)
+    return str(Path(url).parent / name)
+
+
+def _counts_from_manifest(manifest: dict) -> dict[str, int]:
+    counts = {}
+    for split in manifest.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            counts[shard["file"]] = shard["samples"]
+    return counts
+
+
+def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
+    """Turn a shard spec into shards with sample counts; a one-line UserError when that is impossible."""
+    if not spec.strip():
+        raise UserError("no shards given: set data.train_shards (a brace pattern, a list, or a manifest.json)")
+    manifest_url, _, manifest_split = spec.partition("#")
+    if manifest_url.endswith(".json"):
+        manifest = _read_json(manifest_url)
+        if manifest is None:
+            raise UserError(f"cannot read shard manifest {manifest_url}: run `distvae pack` first or fix the path")
+        split = manifest_split or split
+        if split not in manifest.get("splits", {}):
+            raise UserError(f"manifest {manifest_url} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        entries = manifest["splits"][split]["shards"]
+        if not entries:
+            raise UserError(f"manifest {manifest_url} lists no shards for split {split!r}")
+        return [Shard(_sibling(manifest_url, entry["file"]), entry["samples"]) for entry in entries]
+
+    urls = [url for part in _split_list(spec) for url in braceexpand(part)]
+    counts_by_manifest: dict[str, dict[str, int]] = {}
+    shards = []
+    for url in urls:
+        if not url.startswith("pipe:") and not _is_remote(url) and not Path(url).is_file():
+            raise UserError(f"shard {url} does not exist (from {spec!r})")
+        manifest_url = _sibling(url, "manifest.json")
+        if manifest_url is not None and manifest_url not in counts_by_manifest:
+            counts_by_manifest[manifest_url] = _counts_from_manifest(_read_json(manifest_url) or {})
+        name = url.rsplit("/", 1)[-1]
+        count = counts_by_manifest.get(manifest_url, {}).get(name)
+        shards.append(Shard(url, count if count is not None else count_samples(url)))
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading tars
+
+
+class _Source:
+    """A byte stream with read(n) and skip(n): mmap for local files, a file object for pipes and http."""
+
+    def __init__(self, url: str):
+        self.url, self.process, self.map, self.file = url, None, None, None
+        self.position = 0
+        if url.startswith("pipe:"):
+            self.process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
+            self.file = self.process.stdout
+        elif _is_remote(url):
+            self.file = urllib.request.urlopen(url, timeout=60)
+        else:
+            with open(url, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+    def read(self, size: int) -> bytes:
+        if self.map is not None:
+            data = self.map[self.position : self.position + size]
+            self.position += len(data)
+            return data
+        chunks, remaining = [], size
+        while remaining:
+            chunk = self.file.read(remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def skip(self, size: int) -> bool:
+        if self.map is not None:
+            self.position += size
+            return self.position <= len(self.map)
+        while size:
+            chunk = self.file.read(min(size, 1 << 20))
+            if not chunk:
+                return False
+            size -= len(chunk)
+        return True
+
+    def close(self) -> None:
+        if self.map is not None and not isinstance(self.map, bytes):
+            self.map.close()
+        if self.file is not None:
+            self.file.close()
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = path up to the first dot of the file name
+
+
+def _members(source: _Source) -> Iterator[tuple[str, int, int]]:
+    """Yield (name, size, padded size) of regular files; the caller must read or skip `padded` bytes."""
+    long_name = None
+    while True:
+        header = source.read(512)
+        if len(header) < 512:
+            raise ShardError("ends before the tar end marker (truncated)")
+        if header == bytes(512):
+            return
+        if header[257:262] != b"ustar":
+            raise ShardError("has a corrupt tar header")
+        size = _octal(header[124:136])
+        padded = (size + 511) & ~511
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # GNU long name / pax header: the next member's real name
+            payload = source.read(padded)[:size]
+            if kind == b"L":
+                long_name = payload.rstrip(b"\0").decode()
+            else:
+                for record in payload.decode("utf-8", "replace").splitlines():
+                    if " path=" in record:
+                        long_name = record.split(" path=", 1)[1]
+            continue
+        name = long_name or header[:100].rstrip(b"\0").decode()
+        if not long_name and header[257:263] == b"ustar\0" and header[345]:  # POSIX prefix (GNU uses it otherwise)
+            name = header[345:500].rstrip(b"\0").decode() + "/" + name
+        long_name = None
+        if kind not in (b"0", b"\0", b"7"):
+            if not source.skip(padded):
+                raise ShardError("ends inside a member (truncated)")
+            continue
+        yield name, size, padded
+
+
+def read_samples(url: str, start: int = 0, stop: int | None = None, wanted=None) -> Iterator[tuple[int, dict | None]]:
+    """Yield (index, {ext: bytes, "__key__": key}) for samples start <= index < stop of one shard.
+
+    `wanted(index) -> bool` says which samples to load; the others are skipped without reading their
+    payload. A shard that ends early raises ShardError after the samples before the damage.
+    """
+    source = _Source(url)
+    try:
+        index, key, sample, keep = -1, None, None, False
+        for name, size, padded in _members(source):
+            match = _KEY.match(name)
+            if match is None:
+                source.skip(padded)
+                continue
+            member_key, ext = match.group(1), match.group(2).lower()
+            if member_key != key:
+                if sample is not None:
+                    yield index, sample
+                index, key, sample = index + 1, member_key, None
+                if stop is not None and index >= stop:
+                    return
+                keep = index >= start and (wanted is None or wanted(index))
+                if keep:
+                    sample = {"__key__": key}
+            if keep:
+                payload = source.read(padded)
+                if len(payload) < padded:
+                    raise ShardError(f"ends inside member {name} (truncated)")
+                sample[ext] = payload[:size]
+            elif not source.skip(padded):
+                raise ShardError(f"ends inside member {name} (truncated)")
+        if sample is not None:
+            yield index, sample
+    finally:
+        source.close()
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, from its headers alone (payloads are skipped)."""
+    try:
+        source = _Source(url)
+    except OSError as error:
+        raise UserError(f"cannot open shard {url}: {error}") from None
+    count, key = 0, None
+    try:
+        for name, _, padded in _members(source):
+            source.skip(padded)
+            match = _KEY.match(name)
+            if match and match.group(1) != key:
+                count, key = count + 1, match.group(1)
+    except (OSError, ShardError) as error:
+        raise UserError(f"cannot count the samples of shard {url}: {error}") from None
+    finally:
+        source.close()
+    return count
