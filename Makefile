@@ -40,8 +40,11 @@ $(SYNTH_DIR)/list_eval_partition.txt: | $(STAMP)
 $(SHARDS_DIR)/manifest.json: $(SYNTH_DIR)/list_eval_partition.txt
 	$(VENV)/bin/distvae pack --src $(SYNTH_DIR) --out $(SHARDS_DIR) --name synth --shard-size 500
 
+RUN_DIR ?= runs/tiny
+
 train: setup $(SHARDS_DIR)/manifest.json
-	$(VENV)/bin/distvae train --config tiny $(TRAIN_ARGS)
+	$(VENV)/bin/distvae train --config tiny run.dir=$(RUN_DIR) \
+		data.train_shards=$(SHARDS_DIR)/manifest.json data.val_shards=$(SHARDS_DIR)/manifest.json $(TRAIN_ARGS)
 
 bench: setup
 	$(VENV)/bin/distvae bench data

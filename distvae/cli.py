@@ -66,9 +66,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             print_info(cfg)
             return 0
-        from distvae.train import train
+        from distvae.train import run
 
-        return train(cfg)
+        return run(cfg)
     if args.command == "synth":
         from distvae.synth import make_synthetic_celeba
 

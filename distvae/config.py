@@ -241,6 +241,8 @@ def _coerce(key: str, value, kind):
     if kind is str:
         if isinstance(value, (dict, list)):
             raise bad
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as False: `mixed_precision: no` means "no"
+            return "yes" if value else "no"
         return "" if value is None else str(value)
     if typing.get_origin(kind) is list:
         (item_kind,) = typing.get_args(kind)
@@ -268,16 +270,12 @@ def _merge(tree: dict, updates: dict, origin: str) -> None:
             tree[section][name] = _coerce(key, value, fields[name])
 
 
-def parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, str]:
+    """`section.key=value` -> (key, raw text); the field's type decides how the text is read."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-3")
     key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    return key.strip().lstrip("-"), raw.strip()
 
 
 def resolve_config_path(name: str) -> Path:

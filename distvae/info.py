@@ -78,8 +78,8 @@ def print_info(cfg: Config) -> None:
     fp32 = activation_bytes_per_image(rows, 4)
     half = activation_bytes_per_image(rows, 2)
     batch = cfg.data.batch_size
-    console.print(f"parameters: {total:,} ({total * 4 / 2**20:.1f} MiB fp32; Adam state adds 2x)")
-    console.print(
+    print(f"parameters: {total:,} ({total * 4 / 2**20:.1f} MiB fp32; Adam state adds 2x)")
+    print(
         f"activations per image: {fp32 / 2**20:.2f} MiB fp32, {half / 2**20:.2f} MiB bf16/fp16 autocast; "
         f"at data.batch_size={batch}: {fp32 * batch / 2**30:.2f} GiB fp32, {half * batch / 2**30:.2f} GiB autocast"
     )

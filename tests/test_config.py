@@ -107,3 +107,12 @@ def test_cli_help_lists_commands():
     result = run_cli("--help")
     for command in ("train", "info", "synth", "pack", "bench"):
         assert command in result.stdout
+
+
+def test_bare_no_stays_a_string(tmp_path):
+    assert load_config("tiny", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(path)).train.mixed_precision == "no"
+    assert load_config("tiny", ["data.val_shards="]).data.val_shards == ""
+    assert load_config("tiny", ["data.hflip=true", "train.grad_clip=0"]).data.hflip is True

@@ -1,0 +1,81 @@
+"""Validation metrics and image grids from a model (used during training; later by `distvae evaluate`).
+
+Metrics over the validation split, summed on each rank and reduced across ranks:
+    val/elbo        the training loss (same reduction and kl_weight), averaged over images
+    val/recon_mse   mean squared error per pixel of the reconstruction from one posterior sample
+    val/psnr        mean over images of 10 * log10(1 / mse), in dB, for images in [0, 1]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from distvae.config import Config
+from distvae.loss import elbo
+from distvae.model import ConvVAE
+from distvae.stream import ShardStream
+
+
+@torch.no_grad()
+def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    generator = torch.Generator(device).manual_seed(cfg.run.seed + 1_000_003 * (accelerator.process_index + 1))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # elbo, mse, psnr, images
+    for index, batch in enumerate(stream):
+        if cfg.train.val_batches and index >= cfg.train.val_batches:
+            break
+        images, cond = batch.to(device, cfg.train.channels_last)
+        with accelerator.autocast():
+            recon, mean, logvar = model(images, cond, generator=generator)
+        terms = elbo(recon, images, mean, logvar, cfg.loss, step)
+        mse = (recon.float() - images).square().flatten(1).mean(dim=1)
+        count = images.shape[0]
+        psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+        sums += torch.stack([terms.total.double() * count, mse.double().sum(), psnr.double().sum(),
+                             torch.tensor(count, dtype=torch.float64, device=device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train(was_training)
+    images_seen = max(sums[3].item(), 1.0)
+    return {
+        "val/elbo": sums[0].item() / images_seen,
+        "val/recon_mse": sums[1].item() / images_seen,
+        "val/psnr": sums[2].item() / images_seen,
+        "val/images": sums[3].item(),
+    }
+
+
+def to_uint8_grid(images: torch.Tensor, rows: int) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> one (H', W', 3) uint8 picture, `rows` images per row."""
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=rows, padding=2, pad_value=1.0)
+    if grid.shape[0] == 1:
+        grid = grid.expand(3, -1, -1)
+    return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+@torch.no_grad()
+def sample_grid(model: ConvVAE, seed: int, count: int = 64, cond: torch.Tensor | None = None) -> np.ndarray:
+    """Decodes the same z (drawn from `seed`) every time, so grids over a run show one set of faces evolving."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    if model.cond_dim and cond is None:
+        cond = torch.zeros(count, model.cond_dim, device=device)
+    samples = model.sample(count, cond, generator=generator)
+    model.train(was_training)
+    return to_uint8_grid(samples, rows=int(count**0.5))
+
+
+@torch.no_grad()
+def reconstruction_pairs(model: ConvVAE, images: torch.Tensor, cond: torch.Tensor | None = None) -> np.ndarray:
+    """Inputs in the top row, their reconstructions (posterior means decoded) below."""
+    was_training = model.training
+    model.eval()
+    mean, _ = model.encode(images, cond)
+    recon = model.decode(mean, cond)
+    model.train(was_training)
+    return to_uint8_grid(torch.cat([images, recon.float()]), rows=images.shape[0])

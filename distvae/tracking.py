@@ -1,0 +1,116 @@
+"""What a run shows: log lines, a progress bar on a terminal, tracker scalars and images.
+
+Everything is decided once here: on ranks other than 0 every method is a no-op, so call sites just
+log. The rich progress bar appears only when rank 0's stdout is a terminal; SLURM logs and pipes get
+a plain line every `log.every_steps` instead. wandb runs offline (one log line says so) when no API
+key is configured, writing `RUN_DIR/wandb/offline-run-*`; `wandb sync` uploads it later.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def new_run_id() -> str:
+    return os.urandom(4).hex()
+
+
+def summary_line(values: dict[str, float]) -> str:
+    """The few numbers a person reads in a log line; the tracker gets all of them."""
+    if "train/loss" in values:
+        return (f"loss {values['train/loss']:.4g} (recon {values['train/recon']:.4g}, kl {values['train/kl']:.4g} "
+                f"x {values['train/kl_weight']:.3g})  grad {values['train/grad_norm']:.3g}  lr {values['train/lr']:.3g}"
+                f"  {values['train/images_per_second']:,.0f} img/s  data wait {values['train/data_wait_fraction']:.0%}"
+                f"  epoch {values['train/epoch']:.0f}" + (f"  skipped steps {values['train/skipped_steps']:.0f}"
+                                                          if values["train/skipped_steps"] else ""))
+    if "val/elbo" in values:
+        return (f"validation: elbo {values['val/elbo']:.4g}  recon mse {values['val/recon_mse']:.4g}  "
+                f"psnr {values['val/psnr']:.2f} dB  ({values['val/images']:.0f} images)")
+    return "  ".join(f"{key} {value:.4g}" for key, value in values.items())
+
+
+class RunLog:
+    def __init__(self, accelerator, run_dir: Path, max_steps: int, tracker: str):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.run_dir, self.max_steps, self.tracker = run_dir, max_steps, tracker
+        self.progress, self.task = None, None
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[distvae {time.strftime('%H:%M:%S')}] {message}"
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def start_tracker(self, project: str, run_name: str, run_id: str, config: dict) -> None:
+        if self.tracker != "wandb":
+            return
+        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+            os.environ["WANDB_MODE"] = "offline"
+            self.info(f"wandb: no API key configured, logging offline to {self.run_dir / 'wandb'}")
+        init = {"id": run_id, "resume": "allow", "name": run_name, "dir": str(self.run_dir)}
+        self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
+
+    def start_progress(self, step: int) -> None:
+        if not (self.enabled and sys.stdout.isatty()):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[metrics]}"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=self.max_steps, completed=step, metrics="")
+        self.progress.start()
+
+    def step(self, step: int, terms, images_per_second: float) -> None:
+        if self.progress is not None:  # .item() waits for the device: only when there is a bar to draw
+            metrics = f"loss {terms.total.item():.4g}  kl {terms.kl.item():.4g}  {images_per_second:,.0f} img/s"
+            self.progress.update(self.task, completed=step, metrics=metrics)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.progress is None or "val/elbo" in values:
+            self.info(f"step {step}/{self.max_steps}  {summary_line(values)}")
+        if self.tracker != "none":
+            self.accelerator.log(values, step=step)
+
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """Save uint8 (H, W, 3) grids as RUN_DIR/samples/NAME-step-00001000.png and send them to the tracker."""
+        if not self.enabled:
+            return
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in images.items():
+            Image.fromarray(array).save(folder / f"{name}-step-{step:08d}.png")
+        if self.tracker == "wandb":
+            import wandb  # wandb.Image of uint8 arrays: float arrays are no longer rescaled and come out black
+
+            self.accelerator.log({name: wandb.Image(array) for name, array in images.items()}, step=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.tracker != "none":
+            self.accelerator.end_training()

@@ -1,0 +1,352 @@
+"""Train a convolutional VAE.
+
+    distvae train --config tiny                                    # one process (CPU or one GPU)
+    python -m distvae.train --config tiny train.max_steps=200
+    accelerate launch distvae/train.py --config celeba128 data.train_shards='shards/celeba/manifest.json'
+    accelerate launch --config_file launch/accelerate/multi_gpu_bf16.yaml distvae/train.py --config celeba256
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 distvae/train.py --config tiny
+    torchrun --nproc_per_node 8 distvae/train.py --config celeba128
+
+Rerunning the same command with the same run.dir resumes from the latest complete checkpoint.
+SIGUSR1, SIGTERM or Ctrl-C: every rank stops at the next step boundary, a checkpoint is saved and the
+process exits with 75; rerun to continue. Under `accelerate launch` / torchrun the launcher forwards
+SIGUSR1 only with PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 (our launch files set it).
+
+BatchNorm across ranks: each rank normalises with its own batch statistics, and DDP broadcasts rank 0's
+running statistics to every rank at each forward (broadcast_buffers), so all ranks hold the same
+buffers and the saved model is rank-independent. train.sync_bn=true uses SyncBatchNorm instead (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state
+from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
+from distvae.errors import UserError
+from distvae.evaluate import reconstruction_pairs, sample_grid, validate
+from distvae.loss import elbo
+from distvae.model import build_model
+from distvae.runtime import (
+    EXIT_FINISHED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    StopFlag,
+    TrainingFailed,
+    check_launch,
+    check_launch_environment,
+    fail,
+)
+from distvae.shards import resolve_shards
+from distvae.stream import ShardStream, mix64
+from distvae.tracking import RunLog, new_run_id
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Linear warm-up to train.lr, then constant or cosine down to lr * min_lr_ratio at max_steps."""
+    warmup = cfg.train.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.train.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.train.max_steps - warmup))
+    ratio = cfg.train.min_lr_ratio
+    return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool) -> ShardStream:
+    return ShardStream(
+        resolve_shards(spec, split="train" if train else "val"),
+        batch_size=cfg.data.batch_size, resolution=cfg.model.resolution, channels=cfg.model.channels,
+        crop=cfg.data.crop, hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+        train=train, cond_dim=cfg.model.cond_dim, pin_memory=accelerator.device.type == "cuda",
+    )
+
+
+def train(cfg: Config) -> int:
+    # Processes: without GPUs, run DDP over gloo (cpu=True) so any launcher gives real multi-process training.
+    check_launch_environment()
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="wandb" if cfg.log.tracker == "wandb" else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+    )
+    check_launch(accelerator.num_processes)
+    stop = StopFlag()
+    stop.install()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    # Run directory, checkpoints, logs.
+    run_dir = Path(cfg.run.dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
+                                rank, accelerator.wait_for_everyone)
+    latest = checkpointer.latest()
+    resumed = load_train_state(latest) if latest else None
+    if resumed:
+        check_same_model(cfg, config_from_dict(resumed["config"]), latest)
+    log = RunLog(accelerator, run_dir, cfg.train.max_steps, cfg.log.tracker)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    accelerator.wait_for_everyone()
+    run_id = resumed["tracker_run_id"] if resumed else new_run_id()
+    log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
+
+    # Data: each rank reads its own part; the loader is not passed through accelerator.prepare().
+    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True)
+    val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
+
+    # Model, optimizer, schedule. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model)
+    if cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    raw_model = model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    # Resume: weights, optimizer, schedule, RNG, data position, counters.
+    step, samples_seen, bad_steps_total = 0, 0, 0
+    if resumed:
+        raw_model.load_state_dict(load_model_state(latest))
+        optimizer.load_state_dict(load_tensors(latest / "optimizer.pt"))
+        scheduler.load_state_dict(load_tensors(latest / "scheduler.pt"))
+        if accelerator.scaler is not None and (latest / "scaler.pt").exists():
+            accelerator.scaler.load_state_dict(load_tensors(latest / "scaler.pt"))
+        restore_rng(latest, rank)
+        step, samples_seen = resumed["step"], resumed["samples_seen"]
+        bad_steps_total = resumed["bad_steps"]
+        restore_stream_position(stream, resumed, cfg, world, log)
+        log.info(f"resuming from {latest} at step {step}")
+    else:
+        log.info(f"starting a new run in {run_dir}: {world} process(es) on {device.type}, "
+                 f"{stream.batches_per_epoch} batches of {cfg.data.batch_size} per process per epoch")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.train.mixed_precision)
+    if launcher_precision != cfg.train.mixed_precision:
+        log.info(f"the launcher asks for mixed precision {launcher_precision}; the config's "
+                 f"train.mixed_precision={cfg.train.mixed_precision} wins (override it to change)")
+    write_status(run_dir, accelerator, "running", step)
+
+    def save() -> Path:
+        broadcast_buffers(raw_model, world)
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            log.close()
+            raise TrainingFailed(f"the weights are not finite at step {step}; nothing was saved. Lower train.lr "
+                                 f"and rerun to resume from the last checkpoint")
+        state = {"samples_seen": samples_seen, "bad_steps": bad_steps_total, "stream": stream.state_dict(),
+                 "world_size": world, "batch_size": cfg.data.batch_size, "tracker_run_id": run_id,
+                 "config": cfg.to_dict()}
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        return checkpointer.save(step, raw_model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                                 state, scaler)
+
+    # The loop. One optimizer step = grad_accum_steps micro-batches.
+    fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
+    batches = iter(stream)
+    accum = cfg.train.grad_accum_steps
+    consecutive_bad, window = 0, WindowStats(device)
+    log.start_progress(step)
+    model.train()
+    while step < cfg.train.max_steps:
+        started = time.perf_counter()
+        for micro_step in range(accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            window.data_seconds += time.perf_counter() - waited
+            images, cond = batch.to(device, cfg.train.channels_last)
+            noise = torch.Generator(device).manual_seed(mix64(cfg.run.seed, rank, step, micro_step) % 2**63)
+            sync = micro_step == accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    recon, mean, logvar = model(images, cond, generator=noise)
+                terms = elbo(recon, images, mean, logvar, cfg.loss, step)
+                accelerator.backward(terms.total / accum)
+            window.add(terms, images.shape[0], batch.bad)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+
+        # One collective per step: do all ranks have finite numbers, and has any rank been asked to stop?
+        flags = torch.tensor([float(not (torch.isfinite(terms.total) and torch.isfinite(grad_norm))),
+                              float(stop.requested)], device=device)
+        any_bad, any_stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        if any_bad:
+            if accelerator.scaler is not None:
+                optimizer.step()  # fp16: the GradScaler skips this update itself and lowers its scale
+            optimizer.zero_grad(set_to_none=True)
+            consecutive_bad, bad_steps_total = consecutive_bad + 1, bad_steps_total + 1
+            log.info(f"step {step + 1}: non-finite loss or gradient on some rank; update skipped on all ranks")
+            if consecutive_bad >= cfg.train.max_bad_steps:
+                write_status(run_dir, accelerator, "failed", step)
+                log.close()
+                raise TrainingFailed(f"{consecutive_bad} consecutive non-finite steps (train.max_bad_steps); lower "
+                                     f"train.lr or set train.grad_clip, then rerun to resume from the last checkpoint")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            consecutive_bad = 0
+        scheduler.step()
+        step += 1
+        samples_seen += accum * cfg.data.batch_size * world
+        window.step(grad_norm, time.perf_counter() - started, any_bad)
+        log.step(step, terms, window.last_images_per_second * world)
+
+        if any_stop:
+            path = save()
+            log.info(f"stop signal ({stop.signal_name or 'on another rank'}): saved {path}; exiting with code "
+                     f"{EXIT_INTERRUPTED}, rerun the same command to resume")
+            write_status(run_dir, accelerator, "interrupted", step)
+            log.close()
+            return EXIT_INTERRUPTED
+        if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+            scalars = window.reduce(accelerator)
+            scalars.update({"train/lr": scheduler.get_last_lr()[0], "train/kl_weight": terms.kl_weight,
+                            "train/samples_seen": samples_seen, "train/epoch": stream.epoch,
+                            "train/bad_steps_total": bad_steps_total})
+            log.scalars(step, scalars)
+        if val_stream is not None and (cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0
+                                       or step == cfg.train.max_steps):
+            broadcast_buffers(raw_model, world)
+            log.scalars(step, validate(raw_model, val_stream, cfg, accelerator, step))
+        if accelerator.is_main_process and cfg.log.image_every_steps and (
+                step % cfg.log.image_every_steps == 0 or step == cfg.train.max_steps):
+            log.images(step, image_grids(raw_model, cfg, fixed_val_batch, device))
+        if checkpointer.due(step) or step == cfg.train.max_steps:
+            log.info(f"saved {save()}")
+
+    write_status(run_dir, accelerator, "finished", step)
+    log.info(f"finished {step} steps; checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
+    log.close()
+    return EXIT_FINISHED
+
+
+class WindowStats:
+    """Sums over the steps since the last log line; reduced across ranks only when logging."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, recon, kl, images, bad, norm
+        self.steps, self.skipped, self.seconds, self.data_seconds = 0, 0, 0.0, 0.0
+        self.last_images_per_second = 0.0
+
+    def add(self, terms, images: int, bad_samples: int) -> None:
+        values = torch.stack([terms.total.detach().double(), terms.recon.detach().double(), terms.kl.detach().double()])
+        self.sums[:3] += values * images
+        self.sums[3] += images
+        self.sums[4] += bad_samples
+        self.batch_images = images
+
+    def step(self, grad_norm: torch.Tensor, seconds: float, skipped: bool) -> None:
+        self.sums[5] += grad_norm.detach().double() if torch.isfinite(grad_norm) else 0.0
+        self.steps, self.seconds, self.skipped = self.steps + 1, self.seconds + seconds, self.skipped + skipped
+        self.last_images_per_second = self.batch_images / max(seconds, 1e-9)
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        sums = accelerator.reduce(self.sums.clone(), reduction="sum")
+        timing = accelerator.reduce(torch.tensor([self.seconds, self.data_seconds], device=self.device), "mean")
+        images = max(sums[3].item(), 1.0)
+        world = accelerator.num_processes
+        result = {
+            "train/loss": sums[0].item() / images, "train/recon": sums[1].item() / images,
+            "train/kl": sums[2].item() / images, "train/grad_norm": sums[5].item() / world / max(self.steps, 1),
+            "train/images_per_second": images / max(timing[0].item(), 1e-9) * 1.0,
+            "train/data_wait_fraction": timing[1].item() / max(timing[0].item(), 1e-9),
+            "train/skipped_steps": float(self.skipped), "train/bad_samples": sums[4].item(),
+        }
+        self.reset()
+        return result
+
+
+def broadcast_buffers(model: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's BatchNorm statistics, as DDP does at the start of each forward.
+
+    Each rank updates its running statistics from its own batch during the forward, so between two
+    forwards they differ; checkpoints and validation use the same statistics on every rank.
+    """
+    if world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def image_grids(model, cfg: Config, val_batch, device) -> dict:
+    grids = {"samples": sample_grid(model, cfg.run.seed, count=64)}
+    if val_batch is not None:
+        images, cond = val_batch.to(device, cfg.train.channels_last)
+        grids["reconstructions"] = reconstruction_pairs(model, images[:8], None if cond is None else cond[:8])
+    return grids
+
+
+def check_same_model(cfg: Config, saved: Config, folder: Path) -> None:
+    if saved.model != cfg.model:
+        raise UserError(f"{folder} holds a different model ({saved.model}); use another run.dir or the same model.*")
+
+
+def restore_rng(folder: Path, rank: int) -> None:
+    path = folder / f"rng-rank{rank:05d}.pt"
+    if path.exists():
+        states = load_tensors(path)
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+
+
+def restore_stream_position(stream: ShardStream, state: dict, cfg: Config, world: int, log: RunLog) -> None:
+    if state["world_size"] == world and state["batch_size"] == cfg.data.batch_size:
+        stream.load_state_dict(state["stream"])
+        return
+    # Another world size or batch size splits epochs differently: continue at the next epoch boundary.
+    stream.load_state_dict({"epoch": state["stream"]["epoch"] + 1, "batch": 0})
+    log.info(f"resuming with {world} processes x batch {cfg.data.batch_size} (saved: {state['world_size']} x "
+             f"{state['batch_size']}): data continues at the start of epoch {state['stream']['epoch'] + 1}")
+
+
+def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int) -> None:
+    """RUN_DIR/status: one word and the step, for batch scripts deciding whether to requeue."""
+    if accelerator.is_main_process:
+        (run_dir / "status").write_text(f"{state} {step}\n")
+
+
+def run(cfg: Config) -> int:
+    """train() with its failures turned into an exit code and one line on stderr."""
+    try:
+        return train(cfg)
+    except TrainingFailed as error:
+        return fail(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distvae/train.py", description="Train a convolutional VAE.")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        return run(cfg)
+    except UserError as error:
+        print(f"distvae train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The trainer end to end: real processes, real launchers, real signals, on CPU.
+
+Each run is the command a user types (python -m distvae.train, accelerate launch, torchrun), sometimes
+through tests/helpers/train_probe.py, which adds test-only instruments (hashes of data and weights,
+an injected NaN, a SIGKILL in the middle of a checkpoint write) around the same train.main().
+"""
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+PROBE = str(REPO / "tests" / "helpers" / "train_probe.py")
+MAX_STEPS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_args(manifest: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "tiny", f"data.train_shards={manifest}", f"data.val_shards={manifest}", f"run.dir={run_dir}",
+        "log.tracker=none", f"train.max_steps={MAX_STEPS}", "checkpoint.every_steps=6", "data.batch_size=16",
+        "log.every_steps=6", "train.val_every_steps=12", "train.val_batches=2", "log.image_every_steps=0",
+        "data.shuffle_buffer=64", *extra,
+    ]
+
+
+def command(args: list[str], processes: int = 1, launcher: str = "python", probe: bool = False) -> list[str]:
+    script = PROBE if probe else str(REPO / "distvae" / "train.py")
+    venv_bin = Path(sys.executable).parent
+    if launcher == "python":
+        assert processes == 1
+        return [sys.executable, script, *args]
+    if launcher == "accelerate":
+        spread = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+        return [str(venv_bin / "accelerate"), "launch", *spread, "--main_process_port", str(free_port()),
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", script, *args]
+    if launcher == "torchrun":
+        return [str(venv_bin / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(free_port()),
+                script, *args]
+    raise ValueError(launcher)
+
+
+def environment(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PROBE_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment(**env), cwd=REPO)
+    return result
+
+
+def final_weights(run_dir: Path, step: int = MAX_STEPS) -> bytes:
+    return (run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors").read_bytes()
+
+
+def kill_when(run_dir: Path, cmd: list[str], ready, delay: float, **env: str) -> None:
+    """Start cmd, wait until ready(run_dir) is true, wait `delay` more seconds, SIGKILL the whole process group."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(**env),
+                               cwd=REPO, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while not ready(run_dir):
+            assert process.poll() is None, "the run ended before the moment it was meant to be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        time.sleep(delay)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher, its workers and their data workers
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bit-exact resume: killed at a random moment (or inside a checkpoint write), rerun, same final weights.
+
+MATRIX = [(1, 0), (1, 2), (2, 0), (2, 2)]  # (processes, data workers per process)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(npy32_shards, tmp_path_factory):
+    """An uninterrupted run per (processes, workers), shared by the resume tests."""
+    runs = {}
+    for processes, workers in MATRIX:
+        run_dir = tmp_path_factory.mktemp(f"reference-{processes}x{workers}")
+        launcher = "python" if processes == 1 else "accelerate"
+        result = run(command(base_args(npy32_shards, run_dir, f"data.num_workers={workers}"), processes, launcher))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes, workers] = run_dir
+    return runs
+
+
+def checkpoint_at(step: int):
+    return lambda run_dir: (run_dir / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("processes, workers", MATRIX)
+def test_sigkill_at_a_random_moment_then_rerun_is_bit_exact(processes, workers, npy32_shards, reference_runs,
+                                                             tmp_path):
+    launcher = "python" if processes == 1 else "accelerate"
+    args = base_args(npy32_shards, tmp_path, f"data.num_workers={workers}")
+    chance = random.Random(f"{processes}x{workers}-{time.time()}")
+    trigger, delay = chance.choice([6, 12]), chance.uniform(0.0, 0.3)
+    kill_when(tmp_path, command(args, processes, launcher), checkpoint_at(trigger), delay)
+    saved = [p.name for p in (tmp_path / "checkpoints").glob("step-*")]
+    assert f"step-{MAX_STEPS:08d}" not in saved, f"finished before the kill ({trigger} + {delay:.2f} s): nothing tested"
+    result = run(command(args, processes, launcher))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert final_weights(tmp_path) == final_weights(reference_runs[processes, workers])
+
+
+@pytest.mark.parametrize("processes, workers", [(1, 2), (2, 0)])
+def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_exact(processes, workers, npy32_shards,
+                                                                   reference_runs, tmp_path):
+    launcher = "python" if processes == 1 else "accelerate"
+    args = base_args(npy32_shards, tmp_path, f"data.num_workers={workers}")
+    killed = run(command(args, processes, launcher, probe=True), PROBE_KILL_IN_SAVE="12")
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / ".tmp-step-00000012" / "model.safetensors").exists()  # killed mid-write...
+    assert not (checkpoints / "step-00000012").exists()  # ...so step 12 never became a checkpoint
+    result = run(command(args, processes, launcher))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {checkpoints / 'step-00000006'} at step 6" in result.stdout
+    assert final_weights(tmp_path) == final_weights(reference_runs[processes, workers])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two processes: same weights everywhere, different data on each rank, a NaN skipped by all ranks.
+
+
+@pytest.fixture(scope="module")
+def probed_two_process_run(npy32_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("probed")
+    probe_dir = run_dir / "probe"
+    probe_dir.mkdir()
+    result = run(command(base_args(npy32_shards, run_dir), 2, "torchrun", probe=True),
+                 PROBE_DIR=str(probe_dir), PROBE_NAN_AT="1:3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, probe_dir, result
+
+
+def test_two_ranks_hold_identical_weights(probed_two_process_run):
+    _, probe_dir, _ = probed_two_process_run
+    for step in (6, 12, 18, 24):
+        rank0 = (probe_dir / f"params-rank0-step{step}.txt").read_text()
+        assert rank0 == (probe_dir / f"params-rank1-step{step}.txt").read_text()
+
+
+def test_two_ranks_read_different_data(probed_two_process_run):
+    _, probe_dir, _ = probed_two_process_run
+    rank0 = (probe_dir / "data-rank0.txt").read_text().split()
+    rank1 = (probe_dir / "data-rank1.txt").read_text().split()
+    assert len(rank0) == len(rank1) == MAX_STEPS
+    assert not set(rank0) & set(rank1)
+
+
+def test_nan_on_one_rank_skips_the_update_on_every_rank(probed_two_process_run):
+    run_dir, _, result = probed_two_process_run
+    assert result.stdout.count("update skipped on all ranks") == 1  # logged once, by rank 0, for rank 1's NaN
+    state = json.loads((run_dir / "checkpoints" / f"step-{MAX_STEPS:08d}" / "train_state.json").read_text())
+    assert state["bad_steps"] == 1
+    weights = load_file(run_dir / "checkpoints" / f"step-{MAX_STEPS:08d}" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_too_many_bad_steps_stop_the_run_with_a_clear_message(npy32_shards, tmp_path):
+    args = base_args(npy32_shards, tmp_path, "train.max_bad_steps=3")
+    result = run(command(args, probe=True), PROBE_NAN_AT="0:8:100")
+    assert result.returncode == 1
+    assert "3 consecutive non-finite steps" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "status").read_text().split()[0] == "failed"
+
+
+def test_non_finite_weights_are_never_saved(npy32_shards, tmp_path):
+    result = run(command(base_args(npy32_shards, tmp_path), probe=True), PROBE_POISON_AT="8")
+    assert result.returncode == 1
+    assert "weights are not finite at step 12; nothing was saved" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Signals: SIGUSR1 -> checkpoint -> exit 75 -> rerun resumes.
+
+
+def wait_for_line(process: subprocess.Popen, text: str, lines: list[str]) -> None:
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+def test_sigusr1_saves_and_exits_75_then_rerun_resumes(npy32_shards, reference_runs, tmp_path):
+    args = base_args(npy32_shards, tmp_path, "data.num_workers=0")
+    process = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment(), cwd=REPO)
+    lines: list[str] = []
+    wait_for_line(process, "step 6/", lines)
+    process.send_signal(signal.SIGUSR1)
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=120) == 75
+    status, step = (tmp_path / "status").read_text().split()
+    assert status == "interrupted" and 6 <= int(step) < MAX_STEPS
+    assert (tmp_path / "checkpoints" / f"step-{int(step):08d}" / "COMPLETE").exists()
+    assert any("stop signal (SIGUSR1)" in line for line in lines)
+    result = run(command(args))
+    assert result.returncode == 0
+    assert f"at step {step}" in result.stdout
+    assert final_weights(tmp_path) == final_weights(reference_runs[1, 0])
+
+
+def test_sigusr1_to_accelerate_launch_with_two_processes(npy32_shards, reference_runs, tmp_path):
+    """The launcher forwards SIGUSR1 (PET_SIGNALS_TO_HANDLE), both ranks save together and exit 75."""
+    args = base_args(npy32_shards, tmp_path, "data.num_workers=0")
+    signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    process = subprocess.Popen(command(args, 2, "accelerate"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=environment(PET_SIGNALS_TO_HANDLE=signals), cwd=REPO)
+    lines: list[str] = []
+    wait_for_line(process, "step 6/", lines)
+    process.send_signal(signal.SIGUSR1)
+    lines += process.stdout.readlines()
+    process.wait(timeout=120)
+    # torch's elastic launcher re-raises the signal after its workers exit, so `accelerate launch` itself
+    # exits 1; the workers' own exit code 75 is what the trainer controls, and RUN_DIR/status records it.
+    status, step = (tmp_path / "status").read_text().split()
+    assert status == "interrupted"
+    assert any("exiting with code 75" in line for line in lines)
+    assert (tmp_path / "checkpoints" / f"step-{int(step):08d}" / "COMPLETE").exists()
+    result = run(command(args, 2, "accelerate"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {step}" in result.stdout
+    assert final_weights(tmp_path) == final_weights(reference_runs[2, 0])
+
+
+def test_single_process_accelerate_launch_killed_by_sigusr1_still_saves(npy32_shards, tmp_path):
+    """`accelerate launch` with one process dies of SIGUSR1 without forwarding it; the trainer notices."""
+    args = base_args(npy32_shards, tmp_path, "data.num_workers=0", "train.max_steps=100000")
+    process = subprocess.Popen(command(args, 1, "accelerate"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=environment(), cwd=REPO)
+    lines: list[str] = []
+    wait_for_line(process, "step 6/", lines)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=60) == -signal.SIGUSR1
+    deadline = time.time() + 60
+    while not (tmp_path / "status").read_text().startswith("interrupted"):
+        assert time.time() < deadline, "the orphaned trainer never saved"
+        time.sleep(0.1)
+    status, step = (tmp_path / "status").read_text().split()
+    assert status == "interrupted"
+    assert (tmp_path / "checkpoints" / f"step-{int(step):08d}" / "COMPLETE").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data damage, precision, trackers.
+
+
+def test_corrupt_sample_in_a_shard_is_skipped_and_reported(jpeg_shards, tmp_path):
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(jpeg_shards.parent, shards)
+    victim = shards / "synth-train-000000.tar"
+    with tarfile.open(victim) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(victim, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name == "000003.jpg":
+                data = data[:200]  # a truncated JPEG
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    args = base_args(shards / "manifest.json", tmp_path / "run", "train.max_steps=40", "checkpoint.every_steps=40",
+                     "data.shuffle_buffer=0", "data.num_workers=1")
+    result = run(command(args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping sample 000003" in result.stderr
+
+
+def test_bf16_and_fp32_reach_similar_validation_loss(npy32_shards, tmp_path):
+    losses = {}
+    for precision in ("no", "bf16"):
+        run_dir = tmp_path / precision
+        args = base_args(npy32_shards, run_dir, f"train.mixed_precision={precision}", "train.max_steps=150",
+                         "checkpoint.every_steps=150", "log.every_steps=150", "train.val_every_steps=150",
+                         "train.val_batches=0", "data.num_workers=0")
+        result = run(command(args))
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = next(line for line in result.stdout.splitlines() if "validation: elbo" in line)
+        losses[precision] = float(line.split("elbo ")[1].split()[0])
+    assert math.isfinite(losses["bf16"])
+    assert abs(losses["bf16"] - losses["no"]) / losses["no"] < 0.05, losses
+
+
+def test_wandb_offline_run_holds_scalars_and_images_and_resumes_the_same_id(npy32_shards, tmp_path):
+    args = base_args(npy32_shards, tmp_path, "log.tracker=wandb", "train.max_steps=12", "log.image_every_steps=6")
+    result = run(command(args), HOME=str(tmp_path))  # no ~/.netrc, no WANDB_API_KEY: offline by itself
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb: no API key configured, logging offline" in result.stdout
+    (first,) = (tmp_path / "wandb").glob("offline-run-*")
+    run_id = next(first.glob("run-*.wandb")).stem.removeprefix("run-")
+    records = next(first.glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"train/kl", b"train/grad_norm", b"train/images_per_second", b"val/psnr"):
+        assert key in records
+    images = list((first / "files" / "media" / "images").glob("*.png"))
+    assert len(images) >= 4  # samples and reconstructions at steps 6 and 12
+    assert (tmp_path / "samples" / "samples-step-00000012.png").exists()
+    args = [a if not a.startswith("train.max_steps") else "train.max_steps=18" for a in args]
+    result = run(command(args), HOME=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and (runs[-1] / f"run-{run_id}.wandb").exists()
+
+
+def test_launch_trap_without_a_group_is_refused(npy32_shards, tmp_path):
+    """WORLD_SIZE=2 in a process that is alone: refuse before training instead of training a private model."""
+    result = run(command(base_args(npy32_shards, tmp_path)), WORLD_SIZE="2", RANK="0")
+    assert result.returncode == 2
+    assert "WORLD_SIZE=2" in result.stderr and "accelerate launch" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
