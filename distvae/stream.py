@@ -118,7 +118,7 @@ def buffer_shuffle(length: int, buffer: int, rng: np.random.Generator) -> list[i
     return order + held
 
 
-def _mix(*values: int) -> int:
+def mix64(*values: int) -> int:
     """splitmix64 over the values: a cheap, order-independent per-sample coin."""
     state = 0x9E3779B97F4A7C15
     for value in values:
@@ -212,7 +212,7 @@ def _fill(spec: StreamSpec, epoch: int, position: int, sample: dict, images, con
     except Exception as error:  # any undecodable sample is replaced, never fatal
         _report(spec, f"skipping sample {sample.get('__key__')} (epoch {epoch}): {type(error).__name__}: {error}")
         return False
-    if spec.hflip and spec.train and _mix(spec.seed, epoch, position) & 1:
+    if spec.hflip and spec.train and mix64(spec.seed, epoch, position) & 1:
         image = image[:, ::-1]
     images[slot] = image
     return True
