@@ -342,3 +342,22 @@ def test_launch_trap_without_a_group_is_refused(npy32_shards, tmp_path):
     assert "WORLD_SIZE=2" in result.stderr and "accelerate launch" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_make_train_end_to_end(tmp_path):
+    """What a new user types first: synthetic faces -> shards -> training, with every output where promised."""
+    overrides = "train.max_steps=30 checkpoint.every_steps=15 log.image_every_steps=15 train.val_every_steps=15"
+    result = subprocess.run(
+        ["make", "--no-print-directory", "train", f"SYNTH_DIR={tmp_path}/synth", "SYNTH_N=300",
+         f"SHARDS_DIR={tmp_path}/shards", f"RUN_DIR={tmp_path}/run", f"TRAIN_ARGS={overrides}"],
+        capture_output=True, text=True, timeout=600, env=environment(HOME=str(tmp_path)), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    assert (tmp_path / "synth" / "list_eval_partition.txt").exists()
+    assert (tmp_path / "shards" / "manifest.json").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000015", "step-00000030"]
+    assert (run_dir / "samples" / "samples-step-00000030.png").exists()
+    assert (run_dir / "samples" / "reconstructions-step-00000030.png").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/*.png"))
+    assert f"finished 30 steps; checkpoints in {run_dir / 'checkpoints'}" in result.stdout
+    assert (run_dir / "status").read_text().split() == ["finished", "30"]
