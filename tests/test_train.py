@@ -157,8 +157,9 @@ def probed_two_process_run(npy32_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("probed")
     probe_dir = run_dir / "probe"
     probe_dir.mkdir()
-    result = run(command(base_args(npy32_shards, run_dir), 2, "torchrun", probe=True),
-                 PROBE_DIR=str(probe_dir), PROBE_NAN_AT="1:3")
+    # Two micro-batches per step: the DDP all-reduce is skipped on the first and must still leave equal weights.
+    result = run(command(base_args(npy32_shards, run_dir, "train.grad_accum_steps=2"), 2, "torchrun", probe=True),
+                 PROBE_DIR=str(probe_dir), PROBE_NAN_AT="1:5")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, probe_dir, result
 
@@ -174,7 +175,7 @@ def test_two_ranks_read_different_data(probed_two_process_run):
     _, probe_dir, _ = probed_two_process_run
     rank0 = (probe_dir / "data-rank0.txt").read_text().split()
     rank1 = (probe_dir / "data-rank1.txt").read_text().split()
-    assert len(rank0) == len(rank1) == MAX_STEPS
+    assert len(rank0) == len(rank1) == 2 * MAX_STEPS
     assert not set(rank0) & set(rank1)
 
 
@@ -361,3 +362,30 @@ def test_make_train_end_to_end(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/*.png"))
     assert f"finished 30 steps; checkpoints in {run_dir / 'checkpoints'}" in result.stdout
     assert (run_dir / "status").read_text().split() == ["finished", "30"]
+
+
+def test_progress_bar_on_a_terminal_and_tiny_speed(npy32_shards, tmp_path):
+    """On a terminal rank 0 draws a rich bar; and 100 tiny steps take well under a minute on 2 cores."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    args = base_args(npy32_shards, tmp_path, "train.max_steps=100", "checkpoint.every_steps=100",
+                     "train.val_every_steps=100", "log.every_steps=100", "data.num_workers=1")
+    started = time.perf_counter()
+    process = subprocess.Popen(command(args), stdout=terminal, stderr=terminal, env=environment(COLUMNS="120"),
+                               cwd=REPO)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=60) == 0
+    elapsed = time.perf_counter() - started
+    text = output.decode(errors="replace")
+    assert "━" in text and "img/s" in text and "100/100" in text
+    assert elapsed < 45, f"100 tiny steps took {elapsed:.1f} s including start-up"
