@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--resolution", type=int, default=64)
     bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
     bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
+    bench_data.add_argument("--n", type=int, default=3000, help="synthetic images to make when --source is not given")
     return parser
 
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "bench" and args.bench_kind == "data":
         from distvae.bench import bench_data
 
-        bench_data(source=args.source, resolution=args.resolution, seconds=args.seconds, json_path=args.json)
+        bench_data(source=args.source, resolution=args.resolution, seconds=args.seconds, json_path=args.json, n=args.n)
         return 0
     parser.print_help()
     return 2

@@ -1,0 +1,55 @@
+"""`distvae bench data`: the JSON and the bound-by lines (fast), the speed targets and the CLI (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distvae.bench import PATHS, bench_data
+from distvae.errors import UserError
+
+
+def test_bench_writes_json_and_says_what_bounds_each_path(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    bench_data(resolution=32, seconds=1.5, json_path=str(out), n=300, rounds=3)
+    assert torch.get_num_threads() == threads  # the one-core setting does not leak
+    report = json.loads(out.read_text())
+    for path in PATHS:
+        assert isinstance(report[path], float) and report[path] > 0
+        assert len(report["per_round"][path]) == 3
+    assert report["resolution"] == 32 and report["images"] == 300
+    assert report["pass"] is None  # the targets are defined at R=64
+    assert report["ratios"]["reference"] == 1.0
+    printed = capsys.readouterr().out
+    for path in ("original_jpeg", "preresized"):
+        assert f"{path}: bound by " in printed
+        assert report["bound_by"][path] in printed
+        assert sum(report["part_fractions"][path].values()) == pytest.approx(1.0)
+    assert "data wait" in printed
+    assert "images/s per core" in printed
+
+
+def test_bench_rejects_a_source_that_is_not_celeba_layout(tmp_path):
+    with pytest.raises(UserError, match="CelebA-layout"):
+        bench_data(source=str(tmp_path), seconds=1)
+
+
+@pytest.mark.slow
+def test_bench_cli_meets_the_targets_at_64px(tmp_path):
+    """The real measurement, through the CLI: 3,000 synthetic faces, R=64, 5 interleaved rounds."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "distvae", "bench", "data", "--resolution", "64", "--seconds", "5",
+               "--json", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    summary = ", ".join(f"{path} {report[path]:,.0f}/s ({report['ratios'][path]:.2f}x)" for path in PATHS)
+    assert report["resolution"] == 64 and report["images"] == 3000
+    assert report["ratios"]["original_jpeg"] >= 1.5, summary
+    assert report["ratios"]["preresized"] >= 8, summary
+    assert result.stdout.count("PASS") == 2 and "preresized: bound by" in result.stdout, result.stdout
