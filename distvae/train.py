@@ -84,6 +84,8 @@ def train(cfg: Config) -> int:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
     )
     check_launch(accelerator.num_processes)
+    if cfg.train.sync_bn and accelerator.device.type != "cuda":
+        raise UserError("train.sync_bn=true needs GPUs (SyncBatchNorm is CUDA-only); leave it false on CPU")
     stop = StopFlag()
     stop.install()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes

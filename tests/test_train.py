@@ -336,6 +336,13 @@ def test_wandb_offline_run_holds_scalars_and_images_and_resumes_the_same_id(npy3
     assert len(runs) == 2 and (runs[-1] / f"run-{run_id}.wandb").exists()
 
 
+def test_sync_bn_on_cpu_is_a_clear_error(npy32_shards, tmp_path):
+    result = run(command(base_args(npy32_shards, tmp_path, "train.sync_bn=true")))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("distvae train: error: train.sync_bn=true needs GPUs (SyncBatchNorm is "
+                                     "CUDA-only); leave it false on CPU")
+
+
 def test_launch_trap_without_a_group_is_refused(npy32_shards, tmp_path):
     """WORLD_SIZE=2 in a process that is alone: refuse before training instead of training a private model."""
     result = run(command(base_args(npy32_shards, tmp_path)), WORLD_SIZE="2", RANK="0")
