@@ -28,6 +28,7 @@ every rank still yields the same number of full batches.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -235,6 +236,18 @@ class _EpochDataset(IterableDataset):
         yield from worker_batches(self.spec, self.epoch, worker, skip)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGINT to the training process, which saves a checkpoint first.
+
+    SLURM (scancel, preemption) signals every process of the job. torch's workers die of a SIGTERM
+    that does not come from their parent, and the training process would then crash mid-step with
+    "DataLoader worker is killed" instead of saving. Workers still exit when the training process
+    ends: the DataLoader shuts them down, and their watchdog notices a dead parent.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardStream:
     def __init__(
         self,
@@ -283,7 +296,8 @@ class ShardStream:
             batches = iter(dataset)
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, prefetch_factor=4))
+                                      pin_memory=self.pin_memory, prefetch_factor=4,
+                                      worker_init_fn=_ignore_stop_signals))
         for item in batches:
             yield Batch(item["images"], item["cond"], item["bad"])
 

@@ -257,6 +257,22 @@ def test_sigusr1_to_accelerate_launch_with_two_processes(npy32_shards, reference
     assert final_weights(tmp_path) == final_weights(reference_runs[2, 0])
 
 
+def test_sigterm_to_the_whole_process_group_with_data_workers_saves(npy32_shards, tmp_path):
+    """scancel and preemption send SIGTERM to every process of the job, data workers included."""
+    args = base_args(npy32_shards, tmp_path, "data.num_workers=2", "train.max_steps=100000")
+    process = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment(), cwd=REPO, start_new_session=True)
+    lines: list[str] = []
+    wait_for_line(process, "step 6/", lines)
+    os.killpg(process.pid, signal.SIGTERM)
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=60) == 75, "".join(lines)[-3000:]
+    status, step = (tmp_path / "status").read_text().split()
+    assert status == "interrupted"
+    assert (tmp_path / "checkpoints" / f"step-{int(step):08d}" / "COMPLETE").exists()
+    assert not any("DataLoader worker" in line for line in lines)
+
+
 def test_single_process_accelerate_launch_killed_by_sigusr1_still_saves(npy32_shards, tmp_path):
     """`accelerate launch` with one process dies of SIGUSR1 without forwarding it; the trainer notices."""
     args = base_args(npy32_shards, tmp_path, "data.num_workers=0", "train.max_steps=100000")
