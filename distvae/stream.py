@@ -236,6 +236,21 @@ class _EpochDataset(IterableDataset):
         yield from worker_batches(self.spec, self.epoch, worker, skip)
 
 
+def check_attributes(shard: Shard, cond_dim: int) -> None:
+    """A conditional model needs shards whose samples carry cond_dim attributes: say so before training."""
+    try:
+        first = next(read_samples(shard.url, 0, 1), (0, {}))[1]
+        attrs = json.loads(first.get("json", b"{}")).get("attrs")
+    except (OSError, ShardError, ValueError) as error:
+        raise UserError(f"cannot read the first sample of {shard.url}: {error}") from None
+    if attrs is None:
+        raise UserError(f"model.cond_dim={cond_dim} but the samples of {shard.url} carry no attributes "
+                        f"(pack a CelebA root with list_attr_celeba.txt, or set model.cond_dim=0)")
+    if len(attrs) != cond_dim:
+        raise UserError(f"model.cond_dim={cond_dim} but the samples of {shard.url} carry {len(attrs)} attributes: "
+                        f"set model.cond_dim={len(attrs)}")
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave SIGTERM/SIGINT to the training process, which saves a checkpoint first.
 
@@ -272,6 +287,8 @@ class ShardStream:
             world_size, max(1, num_workers), train, cond_dim,
         )
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        if cond_dim:
+            check_attributes(shards[0], cond_dim)
         if train and self.spec.rank_batches() == 0:
             raise UserError(
                 f"the training shards hold {self.spec.total} samples, fewer than world_size x batch_size = "

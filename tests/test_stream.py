@@ -272,3 +272,16 @@ def test_jpeg_decode_matches_the_reference_transform():
     assert ours.shape == reference.shape == (64, 64, 3)
     # libjpeg's DCT-domain 1/2 downscale differs from full decode + filter by a few levels at most
     assert np.abs(ours.astype(int) - reference.astype(int)).mean() < 3.0
+
+
+def test_conditional_stream_checks_the_attributes_up_front(uneven, tmp_path):
+    with pytest.raises(UserError, match="carry 4 attributes: set model.cond_dim=4"):
+        make_stream(uneven, cond_dim=40)
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    with tarfile.open(folder / "p-train-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample_id in range(8):
+            add_member(tar, f"{sample_id:08d}.npy", npy_bytes(image_for(sample_id)))
+            add_member(tar, f"{sample_id:08d}.json", b'{"src": "x.png"}')
+    with pytest.raises(UserError, match="carry no attributes"):
+        make_stream(resolve_shards(str(folder / "p-train-000000.tar")), cond_dim=40)

@@ -352,6 +352,15 @@ def test_wandb_offline_run_holds_scalars_and_images_and_resumes_the_same_id(npy3
     assert len(runs) == 2 and (runs[-1] / f"run-{run_id}.wandb").exists()
 
 
+def test_conditional_model_trains_on_celeba_attributes(npy32_shards, tmp_path):
+    args = base_args(npy32_shards, tmp_path, "model.cond_dim=40", "train.max_steps=12", "log.image_every_steps=12")
+    result = run(command(args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "samples" / "samples-step-00000012.png").exists()
+    weights = load_file(tmp_path / "checkpoints" / "step-00000012" / "model.safetensors")
+    assert weights["decoder_input.weight"].shape[1] == 32 + 40  # z and the 40 attributes
+
+
 def test_sync_bn_on_cpu_is_a_clear_error(npy32_shards, tmp_path):
     result = run(command(base_args(npy32_shards, tmp_path, "train.sync_bn=true")))
     assert result.returncode == 2
