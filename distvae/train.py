@@ -185,8 +185,9 @@ def train(cfg: Config) -> int:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
 
         # One collective per step: do all ranks have finite numbers, and has any rank been asked to stop?
-        flags = torch.tensor([float(not (torch.isfinite(terms.total) and torch.isfinite(grad_norm))),
-                              float(stop.requested)], device=device)
+        # Built on the device: the only wait for the device in a step is the .tolist() of the reduced flags.
+        not_finite = (~torch.isfinite(terms.total) | ~torch.isfinite(grad_norm)).float()
+        flags = torch.stack([not_finite, torch.tensor(float(stop.requested), device=device)])
         any_bad, any_stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
         if any_bad:
             if accelerator.scaler is not None:
@@ -258,7 +259,8 @@ class WindowStats:
         self.batch_images = images
 
     def step(self, grad_norm: torch.Tensor, seconds: float, skipped: bool) -> None:
-        self.sums[5] += grad_norm.detach().double() if torch.isfinite(grad_norm) else 0.0
+        norm = grad_norm.detach().double()
+        self.sums[5] += torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
         self.steps, self.seconds, self.skipped = self.steps + 1, self.seconds + seconds, self.skipped + skipped
         self.last_images_per_second = self.batch_images / max(seconds, 1e-9)
 
@@ -270,7 +272,7 @@ class WindowStats:
         result = {
             "train/loss": sums[0].item() / images, "train/recon": sums[1].item() / images,
             "train/kl": sums[2].item() / images, "train/grad_norm": sums[5].item() / world / max(self.steps, 1),
-            "train/images_per_second": images / max(timing[0].item(), 1e-9) * 1.0,
+            "train/images_per_second": images / max(timing[0].item(), 1e-9),
             "train/data_wait_fraction": timing[1].item() / max(timing[0].item(), 1e-9),
             "train/skipped_steps": float(self.skipped), "train/bad_samples": sums[4].item(),
         }
