@@ -54,14 +54,18 @@ class DataConfig:
     val_shards: str = ""  # same forms as train_shards; empty = no validation
     batch_size: int = 64  # images per process per micro-step
     num_workers: int = 2  # decoding processes per rank; 0 = decode in the training process
-    crop: int = 168  # centre crop (pixels) of full-size images before resizing; 0 = crop to the shorter side
+    # auto = CelebA's 168 px centre crop for 178x218 images, else the centre square of the shorter side;
+    # N = a centre N x N crop (torchvision CenterCrop); 0 = the shorter side. Pre-cropped shards are never cropped.
+    crop: str = "auto"
     hflip: bool = False  # random horizontal flips (deterministic per sample, seed and epoch)
     shuffle_buffer: int = 1000  # samples held for shuffling within a worker; 0 = read order
 
     def __post_init__(self) -> None:
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
-        _at_least("data.crop", self.crop, 0)
+        self.crop = str(self.crop).strip().lower()
+        if self.crop != "auto" and not self.crop.isdigit():
+            raise ConfigError(f"data.crop={self.crop!r} must be auto or a size in pixels (0 = the shorter side)")
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
 
 

@@ -7,12 +7,14 @@
 Writes OUT/NAME-SPLIT-000000.tar, -000001.tar, ... (SPLIT = train/val/test, --shard-size samples each, source
 order) and then OUT/manifest.json. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
 bytes, or npy/png/jpg when pre-resized) followed by `KEY.json` (compact, sorted keys: src, split, attrs?,
-identity?). Member metadata is fixed, so the same input gives byte-identical shards for any --workers.
+identity?, and crop + resolution when pre-resized, so the stream never crops such a sample again). Member
+metadata is fixed, so the same input gives byte-identical shards for any --workers.
 
 CelebA roots keep the partition file's order and split; crop = torchvision CenterCrop(168) then resize.
 Plain folders take every jpg/jpeg/png/webp at any depth, split by a hash of the relative path (adding files never
-moves others), apply EXIF orientation, resize the shorter side then centre-crop; big JPEGs are decoded with PIL's
-DCT scaling (draft) when that still leaves at least the target size. Transparency is composited on white.
+moves others), apply EXIF orientation, crop the centre square of the shorter side, then resize; big JPEGs are
+decoded with PIL's DCT scaling (draft) when that still leaves at least twice the target size. Crop and resize are
+`distvae.decode`'s, the very code the training stream runs on original bytes. Transparency is composited on white.
 Files that cannot be decoded are skipped, never packed; both lists land in the manifest.
 """
 
@@ -22,7 +24,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -38,12 +39,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from distvae.decode import CELEBA_CROP, center_box, crop_side, draft, fit
 from distvae.errors import UserError
 
 FORMAT = "distvae-shards-v1"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-CELEBA_CROP = 168
 TAR_MTIME = 946684800  # 2000-01-01, for every member: repacks are byte-identical
 PARTITION, ATTRS, IDENTITY = "list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt"
 # The file-name extensions each decoded format is expected under (a mismatch is reported as a conversion).
@@ -191,16 +192,21 @@ def _load(opts: _Options, path: str) -> tuple[str, bytes, str | None]:
     fmt, (w, h) = im.format, im.size
     if w * h > opts.max_pixels:  # from the header, before any pixel is decoded
         raise _Skip(f"too large: {w}x{h} = {w * h:,} pixels > max_pixels {opts.max_pixels:,}")
+    # The training stream's crop rule and resize (decode.fit), so packed pixels are what training would make.
+    side = crop_side(w, h, CELEBA_CROP if opts.crop == "celeba-center-168" else 0)
+    scale = 1.0
     if opts.crop == "shorter-side-center" and fmt in ("JPEG", "MPO") and min(w, h) >= 2 * opts.resolution:
-        scale = min(w, h) / opts.resolution
-        im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))  # DCT scaling: several times faster
+        scale = draft(im, opts.resolution, side, "RGB")  # DCT scaling: several times faster on big photos
     im.load()  # decode everything now: truncated files fail here, not in the training stream
     orientation = im.getexif().get(0x0112, 1) if opts.exif else 1
     if orientation in range(2, 9):
         im = ImageOps.exif_transpose(im)
+        if orientation >= 5:  # a quarter turn: the box is taken in the upright image
+            w, h = h, w
     rgb, notes = _to_rgb(im)
     if opts.resolution:
-        return opts.image_format, _encode(_crop_resize(rgb, opts), opts.image_format), "; ".join(notes) or None
+        pixels = fit(rgb, opts.resolution, center_box(w, h, side), scale)
+        return opts.image_format, _encode(pixels, opts.image_format), "; ".join(notes) or None
     # Original bytes only when any decoder will see the very same 8-bit RGB pixels we did.
     suffix = os.path.splitext(path)[1].lower()
     if fmt == "PNG" and rgb is im and data[24:25] != b"\x08":  # IHDR bit depth; PIL keeps the high byte of 16
@@ -230,26 +236,17 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
     return im.convert("RGB"), [f"{MODE_NAMES.get(mode, mode)} converted to RGB"]
 
 
-def _crop_resize(im: Image.Image, opts: _Options) -> Image.Image:
-    r, (w, h) = opts.resolution, im.size
-    if opts.crop == "celeba-center-168":  # torchvision CenterCrop offsets; PIL pads with black if smaller
-        top, left = int(round((h - CELEBA_CROP) / 2)), int(round((w - CELEBA_CROP) / 2))
-        return im.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP)).resize((r, r), Image.BILINEAR)
-    # torchvision Resize(r) + CenterCrop(r): the longer side is truncated, not rounded.
-    size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-    im = im.resize(size, Image.BILINEAR)
-    top, left = int(round((size[1] - r) / 2)), int(round((size[0] - r) / 2))
-    return im.crop((left, top, left + r, top + r))
-
-
-def _encode(im: Image.Image, image_format: str) -> bytes:
+def _encode(image: Image.Image | np.ndarray, image_format: str) -> bytes:
     buf = io.BytesIO()
     if image_format == "npy":
-        np.lib.format.write_array(buf, np.ascontiguousarray(np.asarray(im, dtype=np.uint8)), allow_pickle=False)
-    elif image_format == "png":
-        im.save(buf, "PNG")
+        np.lib.format.write_array(buf, np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image_format == "png":
+        image.save(buf, "PNG")
     else:
-        im.save(buf, "JPEG", quality=95)
+        image.save(buf, "JPEG", quality=95)
     return buf.getvalue()
 
 
@@ -382,7 +379,7 @@ def pack(src, out, name=None, resolution=0, image_format="npy", workers=1, shard
                     continue
                 if note:
                     converted.append({"file": item.rel, "reason": note})
-                writers[item.split].add([(f"{item.key}.{ext}", data), (f"{item.key}.json", _sample_json(item))])
+                writers[item.split].add([(f"{item.key}.{ext}", data), (f"{item.key}.json", _sample_json(item, opts))])
         for writer in writers.values():
             writer.finish()
     except BaseException:  # including KeyboardInterrupt: no partial shard survives, no manifest is written
@@ -418,8 +415,10 @@ def _scan(root: Path, src, val_fraction: float, test_fraction: float):
     return "folder", _scan_folder(root, val_fraction, test_fraction), None
 
 
-def _sample_json(item: _Item) -> bytes:
-    meta = {"src": item.rel, "split": item.split, "attrs": item.attrs and list(item.attrs), "identity": item.identity}
+def _sample_json(item: _Item, opts: _Options) -> bytes:
+    # A pre-cropped sample says so itself, so shards copied without their manifest are never cropped twice.
+    meta = {"src": item.rel, "split": item.split, "attrs": item.attrs and list(item.attrs), "identity": item.identity,
+            "crop": opts.crop, "resolution": opts.resolution or None}
     return json.dumps({k: v for k, v in meta.items() if v is not None}, sort_keys=True, separators=(",", ":")).encode()
 
 

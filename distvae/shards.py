@@ -9,8 +9,10 @@ Shard specs accepted wherever a config asks for shards (`data.train_shards`, `da
     http://host/celeba/celeba-train-{000000..000039}.tar   http(s) URLs
     pipe:aws s3 cp s3://bucket/celeba-train-000000.tar -   any command that writes a tar to stdout
 
-Every shard needs a sample count (the stream plans equal work for every rank before reading): it comes
-from the `manifest.json` next to the shards when there is one, otherwise from one pass over the tar.
+Every shard needs a sample count (the stream plans equal work for every rank before reading) and the
+crop done to it at pack time (so the stream never crops twice): both come from the `manifest.json` next
+to the shards when there is one, otherwise from one pass over the tar (the count from its headers, the
+crop from the first sample's JSON, which `distvae pack --resolution` writes into every sample).
 
 `read_samples` is a lean tar reader for the training stream: webdataset's generic pipeline costs
 0.13-0.2 ms per sample before any decoding, more than a pre-resized 64 px image takes to load. It
@@ -40,6 +42,7 @@ from distvae.errors import UserError
 class Shard:
     url: str  # local path, http(s):// URL or pipe:command
     samples: int  # number of samples (image + metadata groups) in the tar
+    cropped: str | None = None  # crop done at pack time ("celeba-center-168", "shorter-side-center"); None = none
 
 
 class ShardError(Exception):
@@ -84,12 +87,13 @@ def _sibling(url: str, name: str) -> str | None:
     return str(Path(url).parent / name)
 
 
-def _counts_from_manifest(manifest: dict) -> dict[str, int]:
-    counts = {}
+def _shards_in_manifest(manifest: dict) -> dict[str, tuple[int, str | None]]:
+    """File name -> (samples, crop done at pack time) of every shard a manifest lists."""
+    found = {}
     for split in manifest.get("splits", {}).values():
         for shard in split.get("shards", []):
-            counts[shard["file"]] = shard["samples"]
-    return counts
+            found[shard["file"]] = shard["samples"], manifest.get("crop")
+    return found
 
 
 def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
@@ -107,20 +111,23 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
         entries = manifest["splits"][split]["shards"]
         if not entries:
             raise UserError(f"manifest {manifest_url} lists no shards for split {split!r}")
-        return [Shard(_sibling(manifest_url, entry["file"]), entry["samples"]) for entry in entries]
+        cropped = manifest.get("crop")
+        return [Shard(_sibling(manifest_url, entry["file"]), entry["samples"], cropped) for entry in entries]
 
     urls = [url for part in _split_list(spec) for url in braceexpand(part)]
-    counts_by_manifest: dict[str, dict[str, int]] = {}
+    listed_by_manifest: dict[str, dict[str, tuple[int, str | None]]] = {}
     shards = []
     for url in urls:
         if not url.startswith("pipe:") and not _is_remote(url) and not Path(url).is_file():
             raise UserError(f"shard {url} does not exist (from {spec!r})")
         manifest_url = _sibling(url, "manifest.json")
-        if manifest_url is not None and manifest_url not in counts_by_manifest:
-            counts_by_manifest[manifest_url] = _counts_from_manifest(_read_json(manifest_url) or {})
-        name = url.rsplit("/", 1)[-1]
-        count = counts_by_manifest.get(manifest_url, {}).get(name)
-        shards.append(Shard(url, count if count is not None else count_samples(url)))
+        if manifest_url is not None and manifest_url not in listed_by_manifest:
+            listed_by_manifest[manifest_url] = _shards_in_manifest(_read_json(manifest_url) or {})
+        listed = listed_by_manifest.get(manifest_url, {}).get(url.rsplit("/", 1)[-1])
+        if listed is None:
+            count, first = scan_shard(url)
+            listed = count, first.get("crop")
+        shards.append(Shard(url, *listed))
     return shards
 
 
@@ -262,19 +269,31 @@ def read_samples(url: str, start: int = 0, stop: int | None = None, wanted=None)
 
 def count_samples(url: str) -> int:
     """Samples in one shard, from its headers alone (payloads are skipped)."""
+    return scan_shard(url)[0]
+
+
+def scan_shard(url: str) -> tuple[int, dict]:
+    """(samples in one shard, the first sample's JSON metadata or {}); only that JSON payload is read."""
     try:
         source = _Source(url)
     except OSError as error:
         raise UserError(f"cannot open shard {url}: {error}") from None
-    count, key = 0, None
+    count, key, first = 0, None, None
     try:
-        for name, _, padded in _members(source):
-            source.skip(padded)
+        for name, size, padded in _members(source):
             match = _KEY.match(name)
+            if first is None and count <= 1 and match and match.group(2).lower() == "json":
+                first = source.read(padded)[:size]
+            else:
+                source.skip(padded)
             if match and match.group(1) != key:
                 count, key = count + 1, match.group(1)
     except (OSError, ShardError) as error:
         raise UserError(f"cannot count the samples of shard {url}: {error}") from None
     finally:
         source.close()
-    return count
+    try:
+        meta = json.loads(first) if first else {}
+    except ValueError:
+        meta = {}
+    return count, meta if isinstance(meta, dict) else {}

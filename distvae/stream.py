@@ -27,6 +27,7 @@ every rank still yields the same number of full batches.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import sys
@@ -35,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distvae.decode import decode_sample
+from distvae.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side, decode_sample
 from distvae.errors import UserError
 from distvae.shards import Shard, ShardError, read_samples
 
@@ -65,7 +67,7 @@ class StreamSpec:
     batch_size: int
     resolution: int
     channels: int
-    crop: int
+    crop: int | str  # "auto" or a side in pixels (decode.crop_side); shards cropped at pack time are not cropped
     hflip: bool
     shuffle_buffer: int
     seed: int
@@ -144,8 +146,8 @@ def _segments(spec: StreamSpec, order: list[int], begin: int, end: int) -> list[
     return segments
 
 
-def _read_positions(spec, segments, needed: set[int]) -> Iterator[tuple[int, dict | None]]:
-    """Yield (position, sample or None when unreadable) for every needed position, in read order."""
+def _read_positions(spec, segments, needed: set[int]) -> Iterator[tuple[int, dict | None, Shard]]:
+    """Yield (position, sample or None when unreadable, its shard) for every needed position, in read order."""
     for shard, first, end, position0 in segments:
         missing = set(range(position0, position0 + end - first)) & needed
         if not missing:
@@ -155,14 +157,14 @@ def _read_positions(spec, segments, needed: set[int]) -> Iterator[tuple[int, dic
             for index, sample in read_samples(shard.url, first, end, wanted):
                 position = position0 + index - first
                 missing.discard(position)
-                yield position, sample
+                yield position, sample, shard
         except (OSError, ShardError, ValueError) as error:
             _report(spec, f"shard {shard.url} {error}; {len(missing)} samples after the damage are replaced")
         else:
             if missing:
                 _report(spec, f"shard {shard.url} holds fewer samples than its manifest says; {len(missing)} replaced")
         for position in sorted(missing):
-            yield position, None
+            yield position, None, shard
 
 
 def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> Iterator[dict]:
@@ -178,7 +180,7 @@ def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> 
     if not remaining:
         return
     reader = _read_positions(spec, _segments(spec, spec.shard_order(epoch), begin, end), set(remaining))
-    pending: dict[int, dict | None] = {}
+    pending: dict[int, tuple[dict | None, Shard]] = {}
     for batch_start in range(0, len(remaining), spec.batch_size):
         targets = remaining[batch_start : batch_start + spec.batch_size]
         images = np.empty((len(targets), spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
@@ -186,10 +188,10 @@ def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> 
         good = []
         for slot, position in enumerate(targets):
             while position not in pending:
-                read_position, sample = next(reader)
-                pending[read_position] = sample
-            sample = pending.pop(position)
-            if sample is not None and _fill(spec, epoch, position, sample, images, cond, slot):
+                read_position, sample, shard = next(reader)
+                pending[read_position] = sample, shard
+            sample, shard = pending.pop(position)
+            if sample is not None and _fill(spec, epoch, position, sample, shard, images, cond, slot):
                 good.append(slot)
         bad = len(targets) - len(good)
         for slot in sorted(set(range(len(targets))) - set(good)):  # replace with good neighbours
@@ -202,9 +204,21 @@ def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> 
         yield {"images": torch.from_numpy(images), "cond": None if cond is None else torch.from_numpy(cond), "bad": bad}
 
 
-def _fill(spec: StreamSpec, epoch: int, position: int, sample: dict, images, cond, slot: int) -> bool:
+_noticed: set[str] = set()
+
+
+def _notice_once(spec: StreamSpec, kind: str, message: str) -> None:
+    """Report the first notice of each kind in this process (a folder of many sizes says it once)."""
+    if kind not in _noticed:
+        _noticed.add(kind)
+        _report(spec, message)
+
+
+def _fill(spec: StreamSpec, epoch: int, position: int, sample: dict, shard: Shard, images, cond, slot: int) -> bool:
     try:
-        image = decode_sample(sample, spec.resolution, spec.crop, spec.channels)
+        crop = 0 if shard.cropped else spec.crop  # 0 on a square image: the whole image
+        notice = lambda text: _notice_once(spec, "crop", text)  # noqa: E731
+        image = decode_sample(sample, spec.resolution, crop, spec.channels, notice)
         if cond is not None:
             attrs = json.loads(sample["json"])["attrs"]
             if len(attrs) != spec.cond_dim:
@@ -251,6 +265,33 @@ def check_attributes(shard: Shard, cond_dim: int) -> None:
                         f"set model.cond_dim={len(attrs)}")
 
 
+def describe_crop(shards: list[Shard], crop: int | str, resolution: int) -> str:
+    """One line saying what the stream does to the images, from the first sample of the first shard."""
+    shard = shards[0]
+    try:
+        sample = next(read_samples(shard.url, 0, 1), (0, {}))[1]
+    except (OSError, ShardError, ValueError):
+        sample = {}
+    if shard.cropped:
+        return (f"data: {shard.url} was cropped at pack time ({shard.cropped}): no crop in training, "
+                f"resized to {resolution} px (data.crop={crop} does not apply)")
+    if "npy" in sample:
+        return f"data: pre-resized npy samples: resized to {resolution} px, no crop (data.crop={crop} does not apply)"
+    ext = next((ext for ext in IMAGE_EXTS[1:] if ext in sample), None)
+    if ext is None:
+        return f"data: the first sample of {shard.url} holds no image; data.crop={crop}, {resolution} px"
+    try:
+        width, height = Image.open(io.BytesIO(sample[ext])).size
+    except Exception:  # reported by the stream itself when it meets the sample
+        return f"data: the first image of {shard.url} cannot be read; data.crop={crop}, {resolution} px"
+    side = crop_side(width, height, crop)
+    rule = ("CelebA's aligned layout: centre crop 168" if crop == "auto" and side == CELEBA_CROP and
+            (width, height) == CELEBA_SIZE else f"centre {side}x{side} square")
+    larger = f"; data.crop={crop} is larger than the image" if crop != "auto" and int(crop) > min(width, height) else ""
+    return (f"data: original images (the first is {width}x{height}): {rule}, then resized to {resolution} px "
+            f"(data.crop={crop}{larger})")
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave SIGTERM/SIGINT to the training process, which saves a checkpoint first.
 
@@ -271,7 +312,7 @@ class ShardStream:
         batch_size: int,
         resolution: int,
         channels: int = 3,
-        crop: int = 0,
+        crop: int | str = "auto",
         hflip: bool = False,
         shuffle_buffer: int = 1000,
         seed: int = 0,

