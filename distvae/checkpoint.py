@@ -53,6 +53,16 @@ def _write_json(path: Path, data: dict) -> None:
     _fsync_path(path)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole: a reader (a batch script, a resumed run) sees the old text or the new, never a part."""
+    temporary = path.with_name(f".{path.name}.partial")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def is_complete(folder: Path) -> bool:
     marker = folder / MARKER
     if not marker.is_file():

@@ -5,6 +5,7 @@
     distvae synth --out data/synth --n 20000           # built-in synthetic CelebA-layout face set
     distvae pack --src data/celeba --out shards/celeba [--resolution 64] [--workers 8]
     distvae bench data [--resolution 64] [--json out.json]
+    distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
     bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
     bench_data.add_argument("--n", type=int, default=3000, help="synthetic images to make when --source is not given")
+    bench_pack = bench_kinds.add_parser("pack", help="pack speed with 1 worker against --workers, side by side")
+    bench_pack.add_argument("--n", type=int, default=800, help="synthetic images to pack")
+    bench_pack.add_argument("--workers", type=int, default=2, help="the worker count compared with 1")
+    bench_pack.add_argument("--resolution", type=int, default=64, help="pre-resize to R x R")
+    bench_pack.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest of each is kept")
+    bench_pack.add_argument("--json", default=None, help="also write the results as JSON here")
     return parser
 
 
@@ -90,6 +97,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             test_fraction=args.test_fraction,
             force=args.force,
         )
+        return 0
+    if args.command == "bench" and args.bench_kind == "pack":
+        from distvae.bench_pack import bench_pack
+
+        bench_pack(n=args.n, workers=args.workers, resolution=args.resolution, rounds=args.rounds, json_path=args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "data":
         from distvae.bench import bench_data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,16 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _at_least(key: str, value: float, minimum: float) -> None:
+    if not math.isfinite(value):  # nan < minimum is False: without this, train.lr=nan would pass
+        raise ConfigError(f"{key}={value} must be a finite number >= {minimum}")
     if value < minimum:
         raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def _between(key: str, value: float, low: float, high: float) -> None:
+    _at_least(key, value, low)
+    if value > high:
+        raise ConfigError(f"{key}={value} must be between {low} and {high}")
 
 
 @dataclass
@@ -42,10 +51,12 @@ class RunConfig:
     dir: str = "runs/default"  # run directory: checkpoints, resolved config, samples, tracker files
     seed: int = 0  # seeds weight init, data order and the reparameterisation noise
     name: str = ""  # run name shown in trackers; empty = the last part of run.dir
+    lock_stale_s: float = 300.0  # RUN_DIR/lock without a heartbeat for this long (seconds) may be taken over
 
     def __post_init__(self) -> None:
         if not self.dir:
             raise ConfigError("run.dir must not be empty")
+        _at_least("run.lock_stale_s", self.lock_stale_s, 10.0)
 
 
 @dataclass
@@ -59,8 +70,14 @@ class DataConfig:
     crop: str = "auto"
     hflip: bool = False  # random horizontal flips (deterministic per sample, seed and epoch)
     shuffle_buffer: int = 1000  # samples held for shuffling within a worker; 0 = read order
+    max_bad_fraction: float = 0.05  # stop (save, exit 1) when more of the last data.bad_window samples are unreadable
+    bad_window: int = 2000  # samples, all ranks together, over which data.max_bad_fraction is measured
+    read_timeout_s: float = 120.0  # a pipe: or http shard silent this long (seconds) is unreadable
 
     def __post_init__(self) -> None:
+        _between("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        _at_least("data.bad_window", self.bad_window, 1)
+        _at_least("data.read_timeout_s", self.read_timeout_s, 0.1)
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         self.crop = str(self.crop).strip().lower()
@@ -130,16 +147,25 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow first step, faster after)
     channels_last: bool = False  # NHWC memory format for convolutions
     sync_bn: bool = False  # SyncBatchNorm across ranks instead of per-rank batch statistics
-    max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite steps (fp16 scaler back-offs do not count)
+    collective_timeout_s: float = 1800.0  # a rank waiting this long (seconds) in a collective fails instead of hanging
     val_every_steps: int = 500  # validation interval in steps; 0 = only at the end
     val_batches: int = 0  # cap on validation batches per rank; 0 = the whole split
 
     def __post_init__(self) -> None:
         _at_least("train.max_steps", self.max_steps, 1)
         _at_least("train.lr", self.lr, 0.0)
+        _between("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _between("train.beta1", self.beta1, 0.0, 1.0)
+        _between("train.beta2", self.beta2, 0.0, 1.0)
+        _at_least("train.collective_timeout_s", self.collective_timeout_s, 1.0)
         _at_least("train.weight_decay", self.weight_decay, 0.0)
         _choice("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _at_least("train.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} is more than train.max_steps="
+                              f"{self.max_steps}, so the learning rate would never reach train.lr: set "
+                              f"train.warmup_steps to at most {self.max_steps}")
         _at_least("train.grad_clip", self.grad_clip, 0.0)
         _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))

@@ -1,7 +1,10 @@
 """Validation metrics and image grids from a model (used during training; later by `distvae evaluate`).
 
 Metrics over the validation split, summed on each rank and reduced across ranks:
-    val/elbo        the training loss (same reduction and kl_weight), averaged over images
+    val/loss        the training objective (same reduction, kl_weight at this step), averaged over images
+    val/neg_elbo    the negative ELBO in nats per image, kl weight 1 (loss.negative_elbo says which decoder);
+                    absent for mse with kl_weight 0
+    val/kl          KL(q(z|x) || N(0, I)) in nats per image
     val/recon_mse   mean squared error per pixel of the reconstruction from one posterior sample
     val/psnr        mean over images of 10 * log10(1 / mse), in dB, for images in [0, 1]
 """
@@ -13,7 +16,7 @@ import torch
 from torchvision.utils import make_grid
 
 from distvae.config import Config
-from distvae.loss import elbo
+from distvae.loss import elbo, negative_elbo
 from distvae.model import ConvVAE
 from distvae.stream import ShardStream
 
@@ -24,28 +27,33 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     model.eval()
     device = accelerator.device
     generator = torch.Generator(device).manual_seed(cfg.run.seed + 1_000_003 * (accelerator.process_index + 1))
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # elbo, mse, psnr, images
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, -elbo, kl, mse, psnr, images
     for index, batch in enumerate(stream):
         if cfg.train.val_batches and index >= cfg.train.val_batches:
             break
         images, cond = batch.to(device, cfg.train.channels_last)
+        eps = torch.randn(images.shape[0], model.latent_dim, generator=generator, device=device)
         with accelerator.autocast():
-            recon, mean, logvar = model(images, cond, generator=generator)
+            recon, mean, logvar = model(images, cond, eps)
         terms = elbo(recon, images, mean, logvar, cfg.loss, step)
+        neg_elbo = negative_elbo(recon, images, mean, logvar, cfg.loss)
         mse = (recon.float() - images).square().flatten(1).mean(dim=1)
         count = images.shape[0]
         psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-        sums += torch.stack([terms.total.double() * count, mse.double().sum(), psnr.double().sum(),
+        sums += torch.stack([terms.total.double() * count,
+                             neg_elbo.double().sum() if neg_elbo is not None else torch.zeros_like(sums[0]),
+                             terms.kl.double() * count, mse.double().sum(), psnr.double().sum(),
                              torch.tensor(count, dtype=torch.float64, device=device)])
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
-    images_seen = max(sums[3].item(), 1.0)
-    return {
-        "val/elbo": sums[0].item() / images_seen,
-        "val/recon_mse": sums[1].item() / images_seen,
-        "val/psnr": sums[2].item() / images_seen,
-        "val/images": sums[3].item(),
-    }
+    totals = sums.tolist()
+    images_seen = max(totals[5], 1.0)
+    metrics = {"val/loss": totals[0] / images_seen, "val/neg_elbo": totals[1] / images_seen,
+               "val/kl": totals[2] / images_seen, "val/recon_mse": totals[3] / images_seen,
+               "val/psnr": totals[4] / images_seen, "val/images": totals[5]}
+    if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:
+        del metrics["val/neg_elbo"]
+    return metrics
 
 
 def to_uint8_grid(images: torch.Tensor, rows: int) -> np.ndarray:

@@ -22,10 +22,18 @@ same per-pixel noise model at every resolution: keep it when moving from 64 to 1
 doubling of resolution to keep the balance; a `mean` loss with kl_weight 1 lets the KL term win and
 the decoder produces noise (or the dataset mean). For `bce` the same rules hold, with BCE summed or
 averaged in place of the squared error.
+
+The training objective is the ELBO only up to a scale and a constant. `negative_elbo` is the real
+thing, in nats per image, with kl weight 1: for `bce` the Bernoulli decoder's summed cross-entropy
+plus KL; for `mse` the Gaussian decoder whose variance the objective implies, sigma^2 = w / 2 with
+w = loss.kl_weight (sum) or loss.kl_weight * C*H*W (mean), that is SSE / (2 sigma^2) +
+(C*H*W / 2) * log(2 pi sigma^2) + KL. (With 8-bit images on [0, 1] this is a density, not a
+probability: compare it between models at the same resolution, not with discrete likelihoods.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +89,20 @@ def elbo(
         kl = kl_divergence(mean, logvar).mean()
         weight = kl_weight_at(cfg, step)
         return LossTerms(total=recon_term + weight * kl, recon=recon_term, kl=kl, kl_weight=weight)
+
+
+def negative_elbo(recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                  cfg: LossConfig) -> torch.Tensor | None:
+    """-ELBO per image in nats (fp32, one value per image); None for mse with kl_weight 0 (no variance implied)."""
+    with torch.autocast(device_type=recon.device.type, enabled=False):
+        recon, target = recon.float(), target.float()
+        values = target[0].numel()
+        kl = kl_divergence(mean, logvar)
+        if cfg.recon == "bce":
+            return F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(dim=1) + kl
+        weight = cfg.kl_weight * (values if cfg.reduction == "mean" else 1)
+        if weight <= 0:
+            return None
+        variance = weight / 2.0
+        squared_error = (recon - target).square().flatten(1).sum(dim=1)
+        return squared_error / (2.0 * variance) + 0.5 * values * math.log(2.0 * math.pi * variance) + kl

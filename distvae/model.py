@@ -3,17 +3,28 @@
 The reference tutorial model is the special case resolution=64, hiddens=[16, 32, 64, 128, 256],
 latent_dim=128, output="relu", norm="batch" (`--config reference`). Every stage halves the image
 in the encoder and doubles it back in the decoder, so resolution must be divisible by 2**len(hiddens).
+
+The latent bottleneck (the mean and logvar heads, z = mean + std * eps, and the decoder's first
+linear layer) runs in fp32 under any autocast: in bf16, with 8 bits of mantissa, a std of 1e-3 x |mean|
+vanishes when added to the mean, and the decoder's first layer would cast z back to bf16. These are
+three small matrix products; the convolutions keep the autocast dtype.
+
+The noise `eps` is an argument, drawn by the caller, so a compiled forward holds no RNG state and
+no torch.Generator (which graph-breaks torch.compile).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from distvae.config import ModelConfig
 
-# logvar is clamped to this range wherever it is produced or used: exp(20) still fits in bf16 and fp16
-# intermediate math, and exp(-30) is a variance far below anything an 8-bit image can resolve.
+# logvar is clamped to this range wherever it is produced or used. exp(20) = 4.9e8 fits in fp32 and bf16
+# (not in fp16, whose maximum is 65504: exp() of logvar is always taken in fp32 here), and exp(-30) is a
+# variance far below anything an 8-bit image can resolve.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
@@ -26,6 +37,13 @@ def _norm(kind: str, width: int) -> nn.Module:
 
 
 _OUTPUTS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "none": nn.Identity}
+
+
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for a region (the meta device, which `distvae info` uses, has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class ConvVAE(nn.Module):
@@ -80,26 +98,32 @@ class ConvVAE(nn.Module):
         return torch.cat([features, cond.to(features.dtype)], dim=1)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self._with_cond(self.encoder(x), cond)
-        logvar = self.logvar_head(features).clamp(LOGVAR_MIN, LOGVAR_MAX)
-        return self.mean_head(features), logvar
+        """Posterior mean and logvar, fp32."""
+        features = self.encoder(x)
+        with _fp32(features.device):
+            features = self._with_cond(features.float(), cond)
+            logvar = self.logvar_head(features).clamp(LOGVAR_MIN, LOGVAR_MAX)
+            return self.mean_head(features), logvar
 
     @staticmethod
-    def reparameterize(
-        mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)) * eps
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + std * eps in fp32; eps ~ N(0, I) of mean's shape, drawn by the caller."""
+        mean, logvar = mean.float(), logvar.float()
+        return mean + torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)) * eps.float()
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.decoder_input(self._with_cond(z, cond))
+        with _fp32(z.device):
+            hidden = self.decoder_input(self._with_cond(z.float(), cond))
         return self.decoder(hidden.view(-1, *self.bottom_shape))
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, x: torch.Tensor, cond: torch.Tensor | None = None, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, mean, logvar); eps = None draws the noise from torch's global generator."""
         mean, logvar = self.encode(x, cond)
-        z = self.reparameterize(mean, logvar, generator)
+        if eps is None:
+            eps = torch.randn_like(mean)
+        z = self.reparameterize(mean, logvar, eps)
         return self.decode(z, cond), mean, logvar
 
     @torch.no_grad()

@@ -22,10 +22,13 @@ it does not need (a seek for local files), so resuming mid-epoch never reads wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import re
+import select
+import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -135,21 +138,45 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
 # Reading tars
 
 
-class _Source:
-    """A byte stream with read(n) and skip(n): mmap for local files, a file object for pipes and http."""
+READ_TIMEOUT = 120.0  # seconds without a byte from a pipe: or http shard before it counts as unreadable
 
-    def __init__(self, url: str):
-        self.url, self.process, self.map, self.file = url, None, None, None
-        self.position = 0
+
+class _Source:
+    """A byte stream with read(n) and skip(n): mmap for local files, a pipe or a socket otherwise.
+
+    Pipes and http give up after `timeout` seconds without a byte (ShardError), so a stuck command or
+    a dead bucket shows up as unreadable samples instead of blocking the run forever.
+    """
+
+    def __init__(self, url: str, timeout: float = READ_TIMEOUT):
+        self.url, self.process, self.map, self.file, self.pipe = url, None, None, None, None
+        self.position, self.timeout = 0, timeout
+        self.buffered, self.buffered_at = b"", 0  # pipes: bytes read ahead, and how many of them were used
         if url.startswith("pipe:"):
-            self.process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
-            self.file = self.process.stdout
+            # Its own process group: closing kills the whole command (`sh -c` children included).
+            self.process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+            self.pipe = self.process.stdout.fileno()
         elif _is_remote(url):
-            self.file = urllib.request.urlopen(url, timeout=60)
+            self.file = urllib.request.urlopen(url, timeout=timeout)
         else:
             with open(url, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+    def _chunk(self, size: int) -> bytes:
+        if self.pipe is None:
+            try:
+                return self.file.read(size)
+            except TimeoutError:
+                raise ShardError(f"sent nothing for {self.timeout:g} s (data.read_timeout_s)") from None
+        if self.buffered_at == len(self.buffered):  # read ahead: tar headers are 512 bytes, syscalls are not free
+            ready, _, _ = select.select([self.pipe], [], [], self.timeout)
+            if not ready:
+                raise ShardError(f"sent nothing for {self.timeout:g} s (data.read_timeout_s)")
+            self.buffered, self.buffered_at = os.read(self.pipe, 1 << 20), 0
+        end = min(len(self.buffered), self.buffered_at + size)
+        chunk, self.buffered_at = self.buffered[self.buffered_at : end], end
+        return chunk
 
     def read(self, size: int) -> bytes:
         if self.map is not None:
@@ -158,7 +185,7 @@ class _Source:
             return data
         chunks, remaining = [], size
         while remaining:
-            chunk = self.file.read(remaining)
+            chunk = self._chunk(remaining)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -170,7 +197,7 @@ class _Source:
             self.position += size
             return self.position <= len(self.map)
         while size:
-            chunk = self.file.read(min(size, 1 << 20))
+            chunk = self._chunk(min(size, 1 << 20))
             if not chunk:
                 return False
             size -= len(chunk)
@@ -182,7 +209,9 @@ class _Source:
         if self.file is not None:
             self.file.close()
         if self.process is not None:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.stdout.close()
             self.process.wait()
 
 
@@ -230,13 +259,15 @@ def _members(source: _Source) -> Iterator[tuple[str, int, int]]:
         yield name, size, padded
 
 
-def read_samples(url: str, start: int = 0, stop: int | None = None, wanted=None) -> Iterator[tuple[int, dict | None]]:
+def read_samples(url: str, start: int = 0, stop: int | None = None, wanted=None,
+                 timeout: float = READ_TIMEOUT) -> Iterator[tuple[int, dict | None]]:
     """Yield (index, {ext: bytes, "__key__": key}) for samples start <= index < stop of one shard.
 
     `wanted(index) -> bool` says which samples to load; the others are skipped without reading their
-    payload. A shard that ends early raises ShardError after the samples before the damage.
+    payload. A shard that ends early, or a pipe/http source silent for `timeout` seconds, raises
+    ShardError after the samples before the damage.
     """
-    source = _Source(url)
+    source = _Source(url, timeout)
     try:
         index, key, sample, keep = -1, None, None, False
         for name, size, padded in _members(source):

@@ -22,7 +22,10 @@ How an epoch is planned (a pure function of seed, epoch, rank, world size and wo
 
 A sample that cannot be read (corrupt image, truncated or unreachable shard) is replaced by a good
 sample of the same batch, counted in `batch.bad` and reported once on stderr with the shard and key:
-every rank still yields the same number of full batches.
+every rank still yields the same number of full batches. A batch with no readable sample at all has
+`batch.readable` False and the trainer skips the step on every rank: no step learns from placeholder
+pixels. (Refilling it from earlier batches would make the batch depend on what the worker read
+before, and a resume at that batch would differ from the run that never stopped.)
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distvae.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side, decode_sample
 from distvae.errors import UserError
-from distvae.shards import Shard, ShardError, read_samples
+from distvae.shards import READ_TIMEOUT, Shard, ShardError, read_samples
 
 
 @dataclass
 class Batch:
     images: torch.Tensor  # uint8 (B, H, W, C), as decoded
     cond: torch.Tensor | None  # float (B, cond_dim) of 0/1 attributes, when asked for
-    bad: int  # samples in this batch that could not be read and were replaced
+    bad: int  # samples in this batch that could not be read and were replaced by readable ones
+    bad_shards: tuple[str, ...] = ()  # the shards those samples came from
+    readable: bool = True  # False: no sample of this batch could be read (its pixels are zeros: do not train on it)
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Float images (B, C, H, W) in [0, 1] on the device; uint8 crosses the bus, 4x less than float."""
@@ -76,6 +81,7 @@ class StreamSpec:
     workers: int  # logical workers: max(1, num_workers)
     train: bool  # True: shuffled, equal whole batches per rank; False: every sample once, in order
     cond_dim: int
+    read_timeout: float = READ_TIMEOUT  # seconds a pipe: or http shard may stay silent
 
     @property
     def total(self) -> int:
@@ -154,7 +160,7 @@ def _read_positions(spec, segments, needed: set[int]) -> Iterator[tuple[int, dic
             continue
         try:
             wanted = lambda index, p0=position0, f=first: p0 + index - f in needed  # noqa: E731
-            for index, sample in read_samples(shard.url, first, end, wanted):
+            for index, sample in read_samples(shard.url, first, end, wanted, spec.read_timeout):
                 position = position0 + index - first
                 missing.discard(position)
                 yield position, sample, shard
@@ -185,7 +191,7 @@ def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> 
         targets = remaining[batch_start : batch_start + spec.batch_size]
         images = np.empty((len(targets), spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
         cond = np.zeros((len(targets), spec.cond_dim), dtype=np.float32) if spec.cond_dim else None
-        good = []
+        good, bad_shards = [], set()
         for slot, position in enumerate(targets):
             while position not in pending:
                 read_position, sample, shard = next(reader)
@@ -193,15 +199,15 @@ def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> 
             sample, shard = pending.pop(position)
             if sample is not None and _fill(spec, epoch, position, sample, shard, images, cond, slot):
                 good.append(slot)
-        bad = len(targets) - len(good)
-        for slot in sorted(set(range(len(targets))) - set(good)):  # replace with good neighbours
-            if good:
-                images[slot] = images[good[slot % len(good)]]
-                if cond is not None:
-                    cond[slot] = cond[good[slot % len(good)]]
             else:
-                images[slot] = 0
-        yield {"images": torch.from_numpy(images), "cond": None if cond is None else torch.from_numpy(cond), "bad": bad}
+                bad_shards.add(shard.url)
+        for slot in sorted(set(range(len(targets))) - set(good)):  # replace with good samples of this batch
+            source = good[slot % len(good)] if good else None
+            images[slot] = images[source] if good else 0  # no good sample: `readable` False, the step is skipped
+            if cond is not None:
+                cond[slot] = cond[source] if good else 0
+        yield {"images": torch.from_numpy(images), "cond": None if cond is None else torch.from_numpy(cond),
+               "bad": len(targets) - len(good), "bad_shards": sorted(bad_shards), "readable": bool(good)}
 
 
 _noticed: set[str] = set()
@@ -322,10 +328,11 @@ class ShardStream:
         train: bool = True,
         cond_dim: int = 0,
         pin_memory: bool = False,
+        read_timeout: float = READ_TIMEOUT,
     ):
         self.spec = StreamSpec(
             tuple(shards), batch_size, resolution, channels, crop, hflip, shuffle_buffer, seed, rank,
-            world_size, max(1, num_workers), train, cond_dim,
+            world_size, max(1, num_workers), train, cond_dim, read_timeout,
         )
         self.num_workers, self.pin_memory = num_workers, pin_memory
         if cond_dim:
@@ -357,7 +364,7 @@ class ShardStream:
                                       pin_memory=self.pin_memory, prefetch_factor=4,
                                       worker_init_fn=_ignore_stop_signals))
         for item in batches:
-            yield Batch(item["images"], item["cond"], item["bad"])
+            yield Batch(item["images"], item["cond"], item["bad"], tuple(item["bad_shards"]), item["readable"])
 
     def __iter__(self) -> Iterator[Batch]:
         """Endless training batches from the current position; the position advances as batches are taken."""

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -39,9 +40,11 @@ def summary_line(values: dict[str, float]) -> str:
                 f"  {values['train/images_per_second']:,.0f} img/s  data wait {values['train/data_wait_fraction']:.0%}"
                 f"  epoch {values['train/epoch']:.0f}" + (f"  skipped steps {values['train/skipped_steps']:.0f}"
                                                           if values["train/skipped_steps"] else ""))
-    if "val/elbo" in values:
-        return (f"validation: elbo {values['val/elbo']:.4g}  recon mse {values['val/recon_mse']:.4g}  "
-                f"psnr {values['val/psnr']:.2f} dB  ({values['val/images']:.0f} images)")
+    if "val/loss" in values:
+        neg_elbo = f"  -elbo {values['val/neg_elbo']:.5g} nats" if "val/neg_elbo" in values else ""
+        return (f"validation: loss {values['val/loss']:.4g}{neg_elbo}  kl {values['val/kl']:.4g}  "
+                f"recon mse {values['val/recon_mse']:.4g}  psnr {values['val/psnr']:.2f} dB  "
+                f"({values['val/images']:.0f} images)")
     return "  ".join(f"{key} {value:.4g}" for key, value in values.items())
 
 
@@ -90,7 +93,7 @@ class RunLog:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.progress is None or "val/elbo" in values:
+        if self.progress is None or "val/loss" in values:
             self.info(f"step {step}/{self.max_steps}  {summary_line(values)}")
         if self.tracker != "none":
             self.accelerator.log(values, step=step)
@@ -114,3 +117,71 @@ class RunLog:
             self.progress = None
         if self.tracker != "none":
             self.accelerator.end_training()
+
+
+class WindowStats:
+    """Sums over the steps since the last log line, kept on the device; reduced across ranks only when logging.
+
+    Loss terms and the gradient norm average over applied steps only, so one skipped (non-finite) step
+    never turns the window's loss into NaN; images/s counts every image a step processed, all
+    micro-batches included.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # This step's loss, recon, kl (each x images) and images.
+        self.step_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        # loss, recon, kl (x images), images of applied steps, grad norm of applied steps, images processed
+        self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self.steps = self.applied = self.skipped = self.scaler_skips = self.starved = 0
+        self.seconds = self.data_seconds = self.bad_samples = 0.0
+        self.last_images_per_second = 0.0
+
+    def add(self, terms, images: int) -> None:
+        """One micro-batch's loss terms."""
+        values = torch.stack([terms.total.detach(), terms.recon.detach(), terms.kl.detach()]).double()
+        self.step_sums[:3] += values * images
+        self.step_sums[3] += images
+
+    def step_loss_finite(self) -> torch.Tensor:
+        """Whether every micro-batch of this step had a finite loss (a device tensor: no wait)."""
+        return torch.isfinite(self.step_sums[0])
+
+    def step(self, grad_norm: torch.Tensor, seconds: float, verdict, images: int, bad_samples: float) -> None:
+        """Close a step: its sums join the window if it was applied. `images`: this rank's images in the step;
+        `bad_samples`: unreadable samples of the step on all ranks (already reduced)."""
+        if verdict.apply:
+            self.sums[:4] += self.step_sums
+            self.sums[4] += grad_norm.detach().double()
+            self.applied += 1
+        self.sums[5] += self.step_sums[3]
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        self.skipped += verdict.non_finite
+        self.scaler_skips += verdict.scaler_overflow
+        self.starved += verdict.no_data
+        self.bad_samples += bad_samples
+        self.last_images_per_second = images / max(seconds, 1e-9)
+        self.step_sums.zero_()
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        timing = accelerator.reduce(torch.tensor([self.seconds, self.data_seconds], device=self.device), "mean")
+        seconds, data_seconds = timing.tolist()
+        applied_images = max(sums[3], 1.0)
+        world = accelerator.num_processes
+        nan = float("nan")
+        result = {
+            "train/loss": sums[0] / applied_images if self.applied else nan,
+            "train/recon": sums[1] / applied_images if self.applied else nan,
+            "train/kl": sums[2] / applied_images if self.applied else nan,
+            "train/grad_norm": sums[4] / world / self.applied if self.applied else nan,
+            "train/images_per_second": sums[5] / max(seconds, 1e-9),
+            "train/data_wait_fraction": data_seconds / max(seconds, 1e-9),
+            "train/skipped_steps": float(self.skipped), "train/scaler_skips": float(self.scaler_skips),
+            "train/unreadable_batches": float(self.starved), "train/bad_samples": self.bad_samples,
+        }
+        self.reset()
+        return result

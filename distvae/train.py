@@ -25,18 +25,22 @@ import math
 import os
 import sys
 import time
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
-from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state
+from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
 from distvae.errors import UserError
 from distvae.evaluate import reconstruction_pairs, sample_grid, validate
+from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
 from distvae.loss import elbo
 from distvae.model import build_model
+from distvae.runlock import LockLost, RunLock
 from distvae.runtime import (
     EXIT_FINISHED,
     EXIT_INTERRUPTED,
@@ -49,7 +53,7 @@ from distvae.runtime import (
 )
 from distvae.shards import resolve_shards
 from distvae.stream import ShardStream, describe_crop, mix64
-from distvae.tracking import RunLog, new_run_id
+from distvae.tracking import RunLog, WindowStats, new_run_id
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -71,7 +75,14 @@ def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool) -
         crop=cfg.data.crop, hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
         train=train, cond_dim=cfg.model.cond_dim, pin_memory=accelerator.device.type == "cuda",
+        read_timeout=cfg.data.read_timeout_s,
     )
+
+
+def step_noise(cfg: Config, rank: int, step: int, micro_step: int, batch: int, device) -> torch.Tensor:
+    """eps ~ N(0, I) for one micro-batch, fp32, a function of (seed, rank, step, micro-step) only: exact on resume."""
+    generator = torch.Generator(device).manual_seed(mix64(cfg.run.seed, rank, step, micro_step) % 2**63)
+    return torch.randn(batch, cfg.model.latent_dim, generator=generator, device=device)
 
 
 def train(cfg: Config) -> int:
@@ -81,17 +92,22 @@ def train(cfg: Config) -> int:
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.log.tracker == "wandb" else None,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
     check_launch(accelerator.num_processes)
     if cfg.train.sync_bn and accelerator.device.type != "cuda":
         raise UserError("train.sync_bn=true needs GPUs (SyncBatchNorm is CUDA-only); leave it false on CPU")
+    if cfg.train.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise UserError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate applies neither autocast nor a "
+                        "GradScaler, so it would train in fp32 without saying so; use bf16 or no")
     stop = StopFlag()
     stop.install()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
-    # Run directory, checkpoints, logs.
+    # Run directory (held by one run at a time), checkpoints, logs.
     run_dir = Path(cfg.run.dir)
+    lock, lock_note = hold_run_dir(run_dir, cfg, accelerator)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
                                 rank, accelerator.wait_for_everyone)
     latest = checkpointer.latest()
@@ -99,9 +115,10 @@ def train(cfg: Config) -> int:
     if resumed:
         check_same_model(cfg, config_from_dict(resumed["config"]), latest)
     log = RunLog(accelerator, run_dir, cfg.train.max_steps, cfg.log.tracker)
+    if lock_note:
+        log.info(lock_note)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     accelerator.wait_for_everyone()
     run_id = resumed["tracker_run_id"] if resumed else new_run_id()
     log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
@@ -121,8 +138,13 @@ def train(cfg: Config) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    # The schedule follows steps, applied or skipped; torch warns when the first step was a skipped one.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
+    # prepare() also wraps forward in autocast; the step and validation enter autocast themselves, visibly.
+    for name in ("forward", "_original_forward"):
+        raw_model.__dict__.pop(name, None)
     if cfg.train.compile:
         model = torch.compile(model)
 
@@ -150,135 +172,172 @@ def train(cfg: Config) -> int:
 
     def save() -> Path:
         broadcast_buffers(raw_model, world)
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            log.close()
-            raise TrainingFailed(f"the weights are not finite at step {step}; nothing was saved. Lower train.lr "
-                                 f"and rerun to resume from the last checkpoint")
+        state_dict = raw_model.state_dict()
+        if not all_finite(state_dict.values()):  # parameters and buffers (BatchNorm statistics) alike
+            raise TrainingFailed(f"the weights or BatchNorm statistics are not finite at step {step}; nothing was "
+                                 f"saved. Lower train.lr and rerun to resume from the last checkpoint")
         state = {"samples_seen": samples_seen, "bad_steps": bad_steps_total, "stream": stream.state_dict(),
                  "world_size": world, "batch_size": cfg.data.batch_size, "tracker_run_id": run_id,
                  "config": cfg.to_dict()}
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return checkpointer.save(step, raw_model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
-                                 state, scaler)
+        return checkpointer.save(step, state_dict, optimizer.state_dict(), scheduler.state_dict(), state, scaler)
 
     # The loop. One optimizer step = grad_accum_steps micro-batches.
     fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
     batches = iter(stream)
     accum = cfg.train.grad_accum_steps
     consecutive_bad, window = 0, WindowStats(device)
+    health = DataHealth(cfg.data.max_bad_fraction, cfg.data.bad_window)
+    buffers = BufferSnapshot(raw_model)
+    lock_problem = ""  # rank 0: set when another process has taken RUN_DIR/lock over
     log.start_progress(step)
     model.train()
-    while step < cfg.train.max_steps:
-        started = time.perf_counter()
-        for micro_step in range(accum):
-            waited = time.perf_counter()
-            batch = next(batches)
-            window.data_seconds += time.perf_counter() - waited
-            images, cond = batch.to(device, cfg.train.channels_last)
-            noise = torch.Generator(device).manual_seed(mix64(cfg.run.seed, rank, step, micro_step) % 2**63)
-            sync = micro_step == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    recon, mean, logvar = model(images, cond, generator=noise)
-                terms = elbo(recon, images, mean, logvar, cfg.loss, step)
-                accelerator.backward(terms.total / accum)
-            window.add(terms, images.shape[0], batch.bad)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+    try:
+        while step < cfg.train.max_steps:
+            started = time.perf_counter()
+            buffers.take()  # BatchNorm statistics before this step's forwards: a skipped step puts them back
+            bad_samples, unreadable = 0, False
+            for micro_step in range(accum):
+                waited = time.perf_counter()
+                batch = next(batches)
+                window.data_seconds += time.perf_counter() - waited
+                images, cond = batch.to(device, cfg.train.channels_last)
+                eps = step_noise(cfg, rank, step, micro_step, images.shape[0], device)
+                sync = micro_step == accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():  # the only autocast of the step: the loss leaves it for fp32
+                        recon, mean, logvar = model(images, cond, eps)
+                    terms = elbo(recon, images, mean, logvar, cfg.loss, step)
+                    accelerator.backward(terms.total / accum)
+                window.add(terms, images.shape[0])
+                bad_samples, unreadable = bad_samples + batch.bad, unreadable or not batch.readable
+                health.note_shards(batch.bad_shards)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
 
-        # One collective per step: do all ranks have finite numbers, and has any rank been asked to stop?
-        # Built on the device: the only wait for the device in a step is the .tolist() of the reduced flags.
-        not_finite = (~torch.isfinite(terms.total) | ~torch.isfinite(grad_norm)).float()
-        flags = torch.stack([not_finite, torch.tensor(float(stop.requested), device=device)])
-        any_bad, any_stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
-        if any_bad:
-            if accelerator.scaler is not None:
-                optimizer.step()  # fp16: the GradScaler skips this update itself and lowers its scale
+            # One collective per step, built on the device: the only wait for it is the .tolist() below.
+            flags = torch.stack([
+                (~window.step_loss_finite()).float(), (~torch.isfinite(grad_norm)).float(),
+                torch.tensor(float(unreadable), device=device), torch.tensor(float(stop.requested), device=device),
+                torch.tensor(float(bool(lock_problem)), device=device),
+                torch.tensor(float(bad_samples), device=device),
+            ])
+            loss_bad, grad_bad, no_data, any_stop, lock_lost, step_bad_samples = \
+                accelerator.reduce(flags, reduction="sum").tolist()
+            verdict = StepVerdict.decide(loss_bad, grad_bad, no_data, accelerator.scaler is not None)
+            if verdict.apply:
+                optimizer.step()
+            else:
+                buffers.restore()
+                if accelerator.scaler is not None:
+                    # clip_grad_norm_ has unscaled the gradients: update() lowers the scale after an overflow and
+                    # lets the next step unscale again (without it, that unscale_ raises).
+                    accelerator.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            consecutive_bad, bad_steps_total = consecutive_bad + 1, bad_steps_total + 1
-            log.info(f"step {step + 1}: non-finite loss or gradient on some rank; update skipped on all ranks")
-            if consecutive_bad >= cfg.train.max_bad_steps:
-                write_status(run_dir, accelerator, "failed", step)
-                log.close()
-                raise TrainingFailed(f"{consecutive_bad} consecutive non-finite steps (train.max_bad_steps); lower "
-                                     f"train.lr or set train.grad_clip, then rerun to resume from the last checkpoint")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            consecutive_bad = 0
-        scheduler.step()
-        step += 1
-        samples_seen += accum * cfg.data.batch_size * world
-        window.step(grad_norm, time.perf_counter() - started, any_bad)
-        log.step(step, terms, window.last_images_per_second * world)
+            if verdict.non_finite:
+                consecutive_bad, bad_steps_total = consecutive_bad + 1, bad_steps_total + 1
+                log.info(f"step {step + 1}: non-finite loss or gradient on some rank; update skipped on all ranks")
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    raise TrainingFailed(f"{consecutive_bad} consecutive non-finite steps (train.max_bad_steps); lower "
+                                         f"train.lr or set train.grad_clip, then rerun to resume from the last "
+                                         f"checkpoint")
+            elif verdict.apply:
+                consecutive_bad = 0
+            if verdict.no_data:
+                log.info(f"step {step + 1}: a batch with no readable sample on some rank; update skipped on all ranks")
+            if lock_lost:
+                raise LockLost(lock_problem or f"rank 0 lost {run_dir / 'lock'} to another process; stopping "
+                                               f"without saving")
+            scheduler.step()
+            step += 1
+            step_images = accum * cfg.data.batch_size  # per rank: every batch is full
+            samples_seen += step_images * world
+            window.step(grad_norm, time.perf_counter() - started, verdict, step_images, step_bad_samples)
+            log.step(step, terms, window.last_images_per_second * world)
+            data_failed = health.add(int(step_bad_samples), step_images * world)
 
-        if any_stop:
-            path = save()
-            log.info(f"stop signal ({stop.signal_name or 'on another rank'}): saved {path}; exiting with code "
-                     f"{EXIT_INTERRUPTED}, rerun the same command to resume")
-            write_status(run_dir, accelerator, "interrupted", step)
-            log.close()
-            return EXIT_INTERRUPTED
-        if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
-            scalars = window.reduce(accelerator)
-            scalars.update({"train/lr": scheduler.get_last_lr()[0], "train/kl_weight": terms.kl_weight,
-                            "train/samples_seen": samples_seen, "train/epoch": stream.epoch,
-                            "train/bad_steps_total": bad_steps_total})
-            log.scalars(step, scalars)
-        if val_stream is not None and (cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0
-                                       or step == cfg.train.max_steps):
-            broadcast_buffers(raw_model, world)
-            log.scalars(step, validate(raw_model, val_stream, cfg, accelerator, step))
-        if accelerator.is_main_process and cfg.log.image_every_steps and (
-                step % cfg.log.image_every_steps == 0 or step == cfg.train.max_steps):
-            log.images(step, image_grids(raw_model, cfg, fixed_val_batch, device))
-        if checkpointer.due(step) or step == cfg.train.max_steps:
-            log.info(f"saved {save()}")
+            # End of step, in this order: log, validate, images, save; then stop, fail or finish.
+            # A step due for validation validates even when a stop signal came, and a stop at the
+            # last step is a finished run.
+            last = step == cfg.train.max_steps
+            if step % cfg.log.every_steps == 0 or last:
+                scalars = window.reduce(accelerator)
+                scalars.update({"train/lr": scheduler.get_last_lr()[0], "train/kl_weight": terms.kl_weight,
+                                "train/samples_seen": samples_seen, "train/epoch": stream.epoch,
+                                "train/bad_steps_total": bad_steps_total})
+                log.scalars(step, scalars)
+            if val_stream is not None and (cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0
+                                           or last):
+                broadcast_buffers(raw_model, world)
+                log.scalars(step, validate(raw_model, val_stream, cfg, accelerator, step))
+            if accelerator.is_main_process and cfg.log.image_every_steps and (
+                    step % cfg.log.image_every_steps == 0 or last):
+                log.images(step, image_grids(raw_model, cfg, fixed_val_batch, device))
+            if checkpointer.due(step) or last or any_stop or data_failed:
+                path = save()
+                log.info(f"saved {path}")
+            if data_failed:
+                raise TrainingFailed(health.message(cfg.data.max_bad_fraction, rank))
+            if any_stop and not last:
+                log.info(f"stop signal ({stop.signal_name or 'on another rank'}): saved {path}; exiting with code "
+                         f"{EXIT_INTERRUPTED}, rerun the same command to resume")
+                write_status(run_dir, accelerator, "interrupted", step)
+                return EXIT_INTERRUPTED
+            if lock is not None and step % cfg.log.every_steps == 0:
+                lock_problem = lock_problem or lock_taken_over(lock)
+        write_status(run_dir, accelerator, "finished", step)
+        log.info(f"finished {step} steps; checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
+        return EXIT_FINISHED
+    except LockLost:
+        raise  # RUN_DIR belongs to another process now: its status is not ours to write
+    except TrainingFailed:
+        write_status(run_dir, accelerator, "failed", step)
+        raise
+    except RuntimeError as error:
+        if not (world > 1 and is_collective_failure(error)):
+            raise
+        write_status(run_dir, accelerator, "failed", step)
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise TrainingFailed(f"a collective failed at step {step + 1} on rank {rank}: another rank died or waited "
+                             f"longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g} s "
+                             f"({first_line}); rerun to resume from the last checkpoint") from None
+    finally:
+        log.close()
+        if lock is not None:
+            lock.release()
 
-    write_status(run_dir, accelerator, "finished", step)
-    log.info(f"finished {step} steps; checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
-    log.close()
-    return EXIT_FINISHED
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A rank died or hung past train.collective_timeout_s. Gloo reports it as a plain RuntimeError (from
+    DDP's backward, too), so the backends' own words are matched as well as torch's DistError."""
+    markers = ("gloo", "NCCL", "ProcessGroup", "Timed out", "timed out", "Connection closed by peer",
+               "Connection reset by peer")
+    return isinstance(error, torch.distributed.DistError) or any(marker in str(error) for marker in markers)
 
 
-class WindowStats:
-    """Sums over the steps since the last log line; reduced across ranks only when logging."""
+def hold_run_dir(run_dir: Path, cfg: Config, accelerator: Accelerator) -> tuple[RunLock | None, str]:
+    """Rank 0 locks RUN_DIR for the whole run; every rank learns whether it could (a one-line error if not)."""
+    lock, note, problem = None, "", ""
+    if accelerator.is_main_process:
+        stale = cfg.run.lock_stale_s
+        lock = RunLock(run_dir, stale_seconds=stale, heartbeat_seconds=min(30.0, stale / 4))
+        try:
+            note = lock.acquire()
+        except UserError as error:
+            lock, problem = None, str(error)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+    return lock, note
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
 
-    def reset(self) -> None:
-        self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, recon, kl, images, bad, norm
-        self.steps, self.skipped, self.seconds, self.data_seconds = 0, 0, 0.0, 0.0
-        self.last_images_per_second = 0.0
-
-    def add(self, terms, images: int, bad_samples: int) -> None:
-        values = torch.stack([terms.total.detach().double(), terms.recon.detach().double(), terms.kl.detach().double()])
-        self.sums[:3] += values * images
-        self.sums[3] += images
-        self.sums[4] += bad_samples
-        self.batch_images = images
-
-    def step(self, grad_norm: torch.Tensor, seconds: float, skipped: bool) -> None:
-        norm = grad_norm.detach().double()
-        self.sums[5] += torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
-        self.steps, self.seconds, self.skipped = self.steps + 1, self.seconds + seconds, self.skipped + skipped
-        self.last_images_per_second = self.batch_images / max(seconds, 1e-9)
-
-    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        sums = accelerator.reduce(self.sums.clone(), reduction="sum")
-        timing = accelerator.reduce(torch.tensor([self.seconds, self.data_seconds], device=self.device), "mean")
-        images = max(sums[3].item(), 1.0)
-        world = accelerator.num_processes
-        result = {
-            "train/loss": sums[0].item() / images, "train/recon": sums[1].item() / images,
-            "train/kl": sums[2].item() / images, "train/grad_norm": sums[5].item() / world / max(self.steps, 1),
-            "train/images_per_second": images / max(timing[0].item(), 1e-9),
-            "train/data_wait_fraction": timing[1].item() / max(timing[0].item(), 1e-9),
-            "train/skipped_steps": float(self.skipped), "train/bad_samples": sums[4].item(),
-        }
-        self.reset()
-        return result
+def lock_taken_over(lock: RunLock) -> str:
+    """The reason another process now holds the lock, or "" while it is still ours."""
+    try:
+        lock.check()
+    except LockLost as error:
+        return str(error)
+    return ""
 
 
 def broadcast_buffers(model: torch.nn.Module, world: int) -> None:
@@ -327,7 +386,7 @@ def restore_stream_position(stream: ShardStream, state: dict, cfg: Config, world
 def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int) -> None:
     """RUN_DIR/status: one word and the step, for batch scripts deciding whether to requeue."""
     if accelerator.is_main_process:
-        (run_dir / "status").write_text(f"{state} {step}\n")
+        write_atomic(run_dir / "status", f"{state} {step}\n")
 
 
 def run(cfg: Config) -> int:

@@ -53,3 +53,17 @@ def test_bench_cli_meets_the_targets_at_64px(tmp_path):
     assert report["ratios"]["original_jpeg"] >= 1.5, summary
     assert report["ratios"]["preresized"] >= 8, summary
     assert result.stdout.count("PASS") == 2 and "preresized: bound by" in result.stdout, result.stdout
+
+
+def test_bench_pack_reports_both_worker_counts_and_their_ratio(tmp_path, capsys):
+    """The pack speedup is a benchmark figure, not a test threshold: here only that it is measured and reported."""
+    from distvae.bench_pack import bench_pack
+
+    report = bench_pack(n=60, workers=2, resolution=16, rounds=1, json_path=str(tmp_path / "pack.json"))
+    assert json.loads((tmp_path / "pack.json").read_text()) == json.loads(json.dumps(report))
+    rates = report["images_per_second"]
+    assert rates["1"] > 0 and rates["2"] > 0
+    assert report["speedup"] == pytest.approx(rates["2"] / rates["1"])
+    assert "speedup with 2 workers:" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--workers at least 2"):
+        bench_pack(workers=1)

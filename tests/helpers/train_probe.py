@@ -1,16 +1,23 @@
 """Runs distvae/train.py with test instruments switched on by environment variables (tests only).
 
-    PROBE_DIR=...            each rank writes data-rank{r}.txt (a hash per batch) and
-                             params-rank{r}-step{s}.txt (a hash of its weights at every checkpoint)
-    PROBE_NAN_AT=RANK:STEP[:COUNT]  the model output on that rank is NaN for COUNT (default 1) optimizer steps
+    PROBE_DIR=...            each rank writes data-rank{r}.txt (a hash per batch),
+                             params-rank{r}-step{s}.txt (a hash of its weights at every checkpoint),
+                             state-rank{r}.txt ("CALL HASH" of all weights and buffers at the start of every
+                             training forward) and conv-dtype-rank{r}.txt (the first conv's output dtype)
+    PROBE_NAN_AT=RANK:CALL[:COUNT]  on that rank, the input of the first BatchNorm is multiplied by inf for
+                             COUNT (default 1) training forwards from forward CALL on (1 = the first
+                             micro-batch): an activation overflow, where it really arises
     PROBE_POISON_AT=STEP     after optimizer step STEP a weight becomes NaN (what a checkpoint must never hold)
     PROBE_KILL_IN_SAVE=STEP  SIGKILL this process while it writes checkpoint STEP, before its marker
+    PROBE_STOP_AT=CALL       this process sends itself SIGUSR1 during training forward CALL
+    PROBE_HANG_AT=RANK:CALL:SECONDS  that rank sleeps SECONDS in training forward CALL (a stuck rank)
 """
 
 import hashlib
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -51,20 +58,49 @@ if probe_dir:
 
     checkpoint.Checkpointer.save = recording_save
 
-if os.environ.get("PROBE_NAN_AT"):
-    nan_rank, nan_step, nan_count = ([int(part) for part in os.environ["PROBE_NAN_AT"].split(":")] + [1])[:3]
-    original_forward = model_module.ConvVAE.forward
-    calls = {"count": 0}
+forward_calls = {"count": 0}
+original_init = model_module.ConvVAE.__init__
 
-    def poisoned_forward(self, *args, **kwargs):
-        recon, mean, logvar = original_forward(self, *args, **kwargs)
-        if self.training and torch.is_grad_enabled():
-            calls["count"] += 1
-            if rank == nan_rank and nan_step <= calls["count"] < nan_step + nan_count:
-                recon = recon * float("nan")
-        return recon, mean, logvar
 
-    model_module.ConvVAE.forward = poisoned_forward
+def instrumented_init(self, *args, **kwargs):
+    """Hooks on the first conv and the first BatchNorm of every model the trainer builds."""
+    original_init(self, *args, **kwargs)
+    first_conv = next(m for m in self.modules() if isinstance(m, torch.nn.Conv2d))
+    first_norm = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model = self
+
+    def before_norm(module, inputs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        forward_calls["count"] += 1
+        call = forward_calls["count"]
+        if probe_dir:  # nothing has changed a buffer yet in this forward: the state the step started from
+            state = [*model.parameters(), *model.buffers()]
+            with open(os.path.join(probe_dir, f"state-rank{rank}.txt"), "a") as out:
+                out.write(f"{call} {tensor_hash(state)}\n")
+        if nan_rank == rank and nan_call <= call < nan_call + nan_count:
+            return (inputs[0] * float("inf"),)
+        if stop_call == call:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if hang_rank == rank and hang_call == call:
+            time.sleep(hang_seconds)
+        return None
+
+    def after_conv(module, inputs, output):
+        path = os.path.join(probe_dir, f"conv-dtype-rank{rank}.txt")
+        if module.training and not os.path.exists(path):
+            with open(path, "w") as out:
+                out.write(str(output.dtype))
+
+    first_norm.register_forward_pre_hook(before_norm)
+    if probe_dir:
+        first_conv.register_forward_hook(after_conv)
+
+
+nan_rank, nan_call, nan_count = ([int(part) for part in os.environ.get("PROBE_NAN_AT", "-1:0").split(":")] + [1])[:3]
+stop_call = int(os.environ.get("PROBE_STOP_AT", "0"))
+hang_rank, hang_call, hang_seconds = (int(part) for part in os.environ.get("PROBE_HANG_AT", "-1:0:0").split(":"))
+model_module.ConvVAE.__init__ = instrumented_init
 
 if os.environ.get("PROBE_POISON_AT"):
     poison_step = int(os.environ["PROBE_POISON_AT"])
