@@ -41,10 +41,10 @@ import torch
 from PIL import Image
 
 from distvae.config import DataConfig
-from distvae.decode import decode_sample
+from distvae.data.decode import decode_sample
+from distvae.data.shards import Shard, read_samples, resolve_shards
+from distvae.data.stream import Batch, ShardStream
 from distvae.errors import UserError
-from distvae.shards import Shard, read_samples, resolve_shards
-from distvae.stream import Batch, ShardStream
 
 PATHS = ("reference", "original_jpeg", "preresized")
 OURS = PATHS[1:]
@@ -104,8 +104,8 @@ def bench_data(source: str | None = None, resolution: int = 64, seconds: float =
 
 
 def _prepare(source: str | None, tmp: Path, resolution: int, n: int) -> tuple[list[Path], dict[str, list[Shard]]]:
-    from distvae.pack import pack
-    from distvae.synth import make_synthetic_celeba
+    from distvae.data.pack import pack
+    from distvae.data.synth import make_synthetic_celeba
 
     quiet = contextlib.redirect_stdout(io.StringIO())  # our own one-line summary replaces theirs
     if source is None:

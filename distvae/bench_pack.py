@@ -25,8 +25,8 @@ def bench_pack(n: int = 800, workers: int = 2, resolution: int = 64, rounds: int
     """Measure, print one line per worker count and the speedup, optionally write JSON; returns the JSON object."""
     if n < 1 or workers < 2 or resolution < 1 or rounds < 1:
         raise UserError("--n, --resolution and rounds must be positive and --workers at least 2")
-    from distvae.pack import pack
-    from distvae.synth import make_synthetic_celeba
+    from distvae.data.pack import pack
+    from distvae.data.synth import make_synthetic_celeba
 
     seconds: dict[int, list[float]] = {1: [], workers: []}
     with tempfile.TemporaryDirectory(prefix="distvae-bench-pack-") as tmp:

@@ -78,12 +78,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return run(cfg)
     if args.command == "synth":
-        from distvae.synth import make_synthetic_celeba
+        from distvae.data.synth import make_synthetic_celeba
 
         make_synthetic_celeba(args.out, n=args.n, seed=args.seed, force=args.force)
         return 0
     if args.command == "pack":
-        from distvae.pack import pack
+        from distvae.data.pack import pack
 
         pack(
             src=args.src,

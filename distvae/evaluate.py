@@ -16,9 +16,9 @@ import torch
 from torchvision.utils import make_grid
 
 from distvae.config import Config
+from distvae.data.stream import ShardStream
 from distvae.loss import elbo, negative_elbo
 from distvae.model import ConvVAE
-from distvae.stream import ShardStream
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
+from distvae.data.shards import resolve_shards
+from distvae.data.stream import ShardStream, describe_crop, mix64
 from distvae.errors import UserError
 from distvae.evaluate import reconstruction_pairs, sample_grid, validate
 from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
@@ -51,8 +53,6 @@ from distvae.runtime import (
     check_launch_environment,
     fail,
 )
-from distvae.shards import resolve_shards
-from distvae.stream import ShardStream, describe_crop, mix64
 from distvae.tracking import RunLog, WindowStats, new_run_id
 
 

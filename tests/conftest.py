@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from distvae.pack import pack
-from distvae.synth import make_synthetic_celeba
+from distvae.data.pack import pack
+from distvae.data.synth import make_synthetic_celeba
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from distvae.config import ConfigError, DataConfig, load_config
-from distvae.decode import crop_side
-from distvae.pack import pack
-from distvae.shards import read_samples, resolve_shards
-from distvae.stream import ShardStream, describe_crop
+from distvae.data.decode import crop_side
+from distvae.data.pack import pack
+from distvae.data.shards import read_samples, resolve_shards
+from distvae.data.stream import ShardStream, describe_crop
 
 # Training from original JPEG bytes decodes CelebA-size images at 1/2 scale in the DCT domain (PIL draft) from
 # 64 px down; `pack --resolution` decodes them whole. Measured on the synthetic faces at 64 px: mean 0.73

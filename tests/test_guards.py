@@ -18,13 +18,13 @@ import pytest
 import torch
 from test_stream import add_member, ids_of, image_for, write_shards
 
-import distvae.shards as shards_module
+import distvae.data.shards as shards_module
 from distvae.checkpoint import write_atomic
+from distvae.data.shards import Shard, resolve_shards
+from distvae.data.stream import ShardStream
 from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
 from distvae.loss import LossTerms
 from distvae.model import ConvVAE
-from distvae.shards import Shard, resolve_shards
-from distvae.stream import ShardStream
 from distvae.tracking import WindowStats
 
 SEED = 1234

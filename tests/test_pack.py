@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import distvae.pack as pack_module
+import distvae.data.pack as pack_module
+from distvae.data.pack import pack
 from distvae.errors import UserError
-from distvae.pack import pack
 
 REPO = Path(__file__).resolve().parents[1]
 ATTR_NAMES = [f"Attr_{i}" for i in range(40)]

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import distvae.stream as stream_module
-from distvae.decode import decode_sample
+import distvae.data.stream as stream_module
+from distvae.data.decode import decode_sample
+from distvae.data.shards import count_samples, read_samples, resolve_shards
+from distvae.data.stream import ShardStream, buffer_shuffle
 from distvae.errors import UserError
-from distvae.shards import count_samples, read_samples, resolve_shards
-from distvae.stream import ShardStream, buffer_shuffle
 
 RES = 4
 
@@ -134,7 +134,7 @@ def test_equal_batches_disjoint_ranks_and_coverage(uneven, world_size, num_worke
 
 @pytest.mark.parametrize("world_size", [1, 8, 64])
 def test_coverage_of_celeba_train_on_packer_default_shards(world_size):
-    from distvae.shards import Shard
+    from distvae.data.shards import Shard
 
     shards = [Shard(f"celeba-train-{i:06d}.tar", 1000) for i in range(162)] + [Shard("last.tar", 770)]
     stream = make_stream(shards, batch_size=64, world_size=world_size, rank=world_size - 1)

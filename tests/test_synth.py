@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distvae import synth
+from distvae.data import synth
+from distvae.data.synth import ATTRIBUTES, make_synthetic_celeba, split_sizes
 from distvae.errors import UserError
-from distvae.synth import ATTRIBUTES, make_synthetic_celeba, split_sizes
 
 CELEBA_NAMES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "

@@ -24,7 +24,7 @@ import torch
 import distvae.checkpoint as checkpoint
 import distvae.model as model_module
 import distvae.train as train
-from distvae.stream import ShardStream
+from distvae.data.stream import ShardStream
 
 probe_dir = os.environ.get("PROBE_DIR")
 rank = int(os.environ.get("RANK", "0"))

@@ -14,7 +14,7 @@ CelebA roots keep the partition file's order and split; crop = torchvision Cente
 Plain folders take every jpg/jpeg/png/webp at any depth, split by a hash of the relative path (adding files never
 moves others), apply EXIF orientation, crop the centre square of the shorter side, then resize; big JPEGs are
 decoded with PIL's DCT scaling (draft) when that still leaves at least twice the target size. Crop and resize are
-`distvae.decode`'s, the very code the training stream runs on original bytes. Transparency is composited on white.
+`distvae.data.decode`'s, the very code the training stream runs on original bytes. Transparency is composited on white.
 Files that cannot be decoded are skipped, never packed; both lists land in the manifest.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from distvae.decode import CELEBA_CROP, center_box, crop_side, draft, fit
+from distvae.data.decode import CELEBA_CROP, center_box, crop_side, draft, fit
 from distvae.errors import UserError
 
 FORMAT = "distvae-shards-v1"

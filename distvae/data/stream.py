@@ -42,9 +42,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distvae.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side, decode_sample
+from distvae.data.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side, decode_sample
 from distvae.errors import UserError
-from distvae.shards import READ_TIMEOUT, Shard, ShardError, read_samples
+from distvae.data.shards import READ_TIMEOUT, Shard, ShardError, read_samples
 
 
 @dataclass
