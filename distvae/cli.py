@@ -6,6 +6,7 @@
     distvae pack --src data/celeba --out shards/celeba [--resolution 64] [--workers 8]
     distvae bench data [--resolution 64] [--json out.json]
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
+    distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
     bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
     bench_data.add_argument("--n", type=int, default=3000, help="synthetic images to make when --source is not given")
+    bench_plan = bench_kinds.add_parser("plan", help="the global data plan at cluster scale, simulated: time, memory")
+    bench_plan.add_argument("--samples", type=int, default=10**8, help="samples in the simulated dataset")
+    bench_plan.add_argument("--shards", type=int, default=10**5, help="shards they are packed into")
+    bench_plan.add_argument("--world-size", type=int, default=1024, help="ranks")
+    bench_plan.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
+    bench_plan.add_argument("--shuffle-block", type=int, default=2**18, help="shuffle block in samples; 0 = epoch")
+    bench_plan.add_argument("--json", default=None, help="also write the results as JSON here")
     bench_pack = bench_kinds.add_parser("pack", help="pack speed with 1 worker against --workers, side by side")
     bench_pack.add_argument("--n", type=int, default=800, help="synthetic images to pack")
     bench_pack.add_argument("--workers", type=int, default=2, help="the worker count compared with 1")
@@ -97,6 +105,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             test_fraction=args.test_fraction,
             force=args.force,
         )
+        return 0
+    if args.command == "bench" and args.bench_kind == "plan":
+        from distvae.bench_plan import bench_plan
+
+        bench_plan(samples=args.samples, shards=args.shards, world_size=args.world_size, batch_size=args.batch_size,
+                   shuffle_block=args.shuffle_block, json_path=args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "pack":
         from distvae.bench_pack import bench_pack
