@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--val-fraction", type=float, default=0.1, help="plain folders: share of images for val")
     pack.add_argument("--test-fraction", type=float, default=0.1, help="plain folders: share of images for test")
     pack.add_argument("--force", action="store_true", help="replace shards and manifest already in --out")
+    pack.add_argument("--order", default="shuffled", choices=("shuffled", "source"),
+                      help="sample order within each split: seeded random (default) or the source's own")
+    pack.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (same seed, same shards)")
 
     bench = commands.add_parser("bench", help="measure the data stream against the reference loader")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
@@ -104,6 +107,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             force=args.force,
+            order=args.order,
+            seed=args.seed,
         )
         return 0
     if args.command == "bench" and args.bench_kind == "plan":

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 ATTR_NAMES = [f"Attr_{i}" for i in range(40)]
 PARTITION = [0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 0]  # file 11 is listed but missing on disk
 MANIFEST_KEYS = {"format", "name", "source", "source_kind", "resolution", "image_format", "crop", "attr_names",
-                 "splits", "skipped", "converted"}
+                 "splits", "skipped", "converted", "order", "order_seed"}
 
 
 def _face(rng: np.random.Generator, w: int = 178, h: int = 218) -> Image.Image:
@@ -110,7 +110,7 @@ def alarm(seconds: int):
 
 def test_celeba_original_bytes(celeba, tmp_path):
     out = tmp_path / "shards"
-    manifest = pack(celeba, out, shard_size=4, progress=False)
+    manifest = pack(celeba, out, shard_size=4, progress=False, order="source")
     assert set(manifest) == MANIFEST_KEYS
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format"] == "distvae-shards-v1" and manifest["name"] == "celeba"
@@ -170,7 +170,7 @@ def test_img_align_celeba_without_partition_is_a_folder(celeba, tmp_path, capsys
     (src / "img_align_celeba").mkdir(parents=True)
     for name in ("000001.jpg", "000002.jpg"):
         (src / "img_align_celeba" / name).write_bytes((celeba / "img_align_celeba" / name).read_bytes())
-    manifest = pack(src, tmp_path / "out", val_fraction=0, test_fraction=0, progress=False)
+    manifest = pack(src, tmp_path / "out", val_fraction=0, test_fraction=0, progress=False, order="source")
     assert manifest["source_kind"] == "folder" and manifest["name"] == "noparts"
     assert "no list_eval_partition.txt" in capsys.readouterr().err
     meta = [json.loads(s["json"]) for _, s in all_samples(tmp_path / "out", manifest, "train")]
@@ -247,7 +247,7 @@ def bad_folder(tmp_path_factory) -> Path:
 
 def test_bad_files_original_bytes(bad_folder, tmp_path):
     with alarm(30):
-        manifest = pack(bad_folder, tmp_path, val_fraction=0, test_fraction=0, progress=False)
+        manifest = pack(bad_folder, tmp_path, val_fraction=0, test_fraction=0, progress=False, order="source")
     assert manifest["name"] == "photos" and manifest["source_kind"] == "folder"
     skipped = {e["file"]: e["reason"] for e in manifest["skipped"]}
     converted = {e["file"]: e["reason"] for e in manifest["converted"]}
@@ -320,7 +320,7 @@ def test_repack_is_byte_identical_for_any_worker_count(bad_folder, celeba, tmp_p
 def test_gnu_tar_and_plain_webdataset_read_the_shards(celeba, tmp_path, resolution):
     import webdataset as wds
 
-    manifest = pack(celeba, tmp_path, resolution=resolution, shard_size=4, progress=False)
+    manifest = pack(celeba, tmp_path, resolution=resolution, shard_size=4, progress=False, order="source")
     shard = tmp_path / manifest["splits"]["train"]["shards"][0]["file"]
     listing = subprocess.run(["tar", "-tf", str(shard)], capture_output=True, text=True, check=True)
     ext = "jpg" if resolution == 0 else "npy"
@@ -352,7 +352,7 @@ def test_interrupted_pack_leaves_no_partial_shard_and_no_manifest(celeba, tmp_pa
 
     monkeypatch.setattr(pack_module, "_process", failing)
     with pytest.raises(error):
-        pack(celeba, tmp_path, shard_size=2, workers=1, progress=False)
+        pack(celeba, tmp_path, shard_size=2, workers=1, progress=False, order="source")
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob(".*"))  # no partial shard or manifest left behind
     finished = sorted(tmp_path.glob("*.tar"))
@@ -397,3 +397,35 @@ def test_cli_errors_are_one_line_and_force_replaces(celeba, tmp_path):
                                     "test 2 (1); converted 0, skipped 1")
     assert "skipped 000011.jpg: missing (no such file)" in result.stdout
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["resolution"] is None
+
+
+def test_samples_are_written_in_a_seeded_random_order_by_default(tmp_path):
+    """A folder sorted by class must not become one-class shards: the default order is a seeded shuffle."""
+    src = tmp_path / "sorted"
+    rng = np.random.default_rng(5)
+    for cls in range(4):
+        (src / f"class{cls}").mkdir(parents=True)
+        for i in range(10):
+            _face(rng, 24, 24).save(src / f"class{cls}" / f"{i:02d}.png")
+    kwargs = dict(val_fraction=0, test_fraction=0, shard_size=10, progress=False)
+    source = pack(src, tmp_path / "source", order="source", **kwargs)
+    shuffled = pack(src, tmp_path / "shuffled", **kwargs)
+    again = pack(src, tmp_path / "again", **kwargs)
+    reseeded = pack(src, tmp_path / "reseeded", seed=1, **kwargs)
+    assert (shuffled["order"], shuffled["order_seed"], source["order"], source["order_seed"]) == (
+        "shuffled", 0, "source", None)
+
+    def classes_per_shard(out, manifest):
+        return [len({json.loads(sample["json"])["src"].split("/")[0] for _, sample in samples(out / shard["file"])})
+                for shard in manifest["splits"]["train"]["shards"]]
+
+    assert classes_per_shard(tmp_path / "source", source) == [1, 1, 1, 1]  # control: what source order gives
+    assert sum(classes_per_shard(tmp_path / "shuffled", shuffled)) >= 10  # about 3 of 4 classes per shard
+    srcs = lambda out, manifest: [json.loads(s["json"])["src"] for shard in manifest["splits"]["train"]["shards"]  # noqa: E731
+                                  for _, s in samples(out / shard["file"])]
+    assert sorted(srcs(tmp_path / "shuffled", shuffled)) == srcs(tmp_path / "source", source)  # same samples
+    assert [sh["sha256"] for sh in again["splits"]["train"]["shards"]] == [
+        sh["sha256"] for sh in shuffled["splits"]["train"]["shards"]]  # same seed, same bytes
+    assert srcs(tmp_path / "reseeded", reseeded) != srcs(tmp_path / "shuffled", shuffled)
+    with pytest.raises(UserError, match="--order 'random'"):
+        pack(src, tmp_path / "bad", order="random", **kwargs)

@@ -4,8 +4,9 @@
     distvae pack --src data/celeba --out shards/celeba64 --resolution 64 --workers 8     # pre-cropped 64x64 uint8 .npy
     distvae pack --src ~/photos --out shards/photos --resolution 128 --format png        # any folder, any sizes
 
-Writes OUT/NAME-SPLIT-000000.tar, -000001.tar, ... (SPLIT = train/val/test, --shard-size samples each, source
-order) and then OUT/manifest.json. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
+Writes OUT/NAME-SPLIT-000000.tar, -000001.tar, ... (SPLIT = train/val/test, --shard-size samples each) and then
+OUT/manifest.json. Samples are written in a random order drawn from --seed (--order source keeps the source
+order): a folder sorted by class, identity or date would otherwise give shards, and so batches, of one kind. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
 bytes, or npy/png/jpg when pre-resized) followed by `KEY.json` (compact, sorted keys: src, split, attrs?,
 identity?, and crop + resolution when pre-resized, so the stream never crops such a sample again). Member
 metadata is fixed, so the same input gives byte-identical shards for any --workers.
@@ -347,14 +348,19 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def pack(src, out, name=None, resolution=0, image_format="npy", workers=1, shard_size=1000,
-         val_fraction=0.1, test_fraction=0.1, force=False, progress=True, max_pixels=50_000_000) -> dict:
+         val_fraction=0.1, test_fraction=0.1, force=False, progress=True, max_pixels=50_000_000,
+         order="shuffled", seed=0) -> dict:
     """Pack `src` (a CelebA root or any image folder) into shards in `out`; returns the manifest."""
     _check_args(resolution, image_format, workers, shard_size, val_fraction, test_fraction, max_pixels)
+    if order not in ("shuffled", "source"):
+        raise UserError(f"--order {order!r}: choose shuffled (the default) or source")
     source = os.path.abspath(os.path.expanduser(str(src)))
     root, out_path = Path(source), Path(os.path.expanduser(str(out)))
     if not root.is_dir():
         raise UserError(f"--src {src} {'is not a folder' if root.exists() else 'does not exist'}")
     kind, items, attr_names = _scan(root, src, val_fraction, test_fraction)
+    if order == "shuffled":  # folders sorted by class, identity or date must not give one-class shards
+        items = [items[index] for index in np.random.default_rng([seed, 0x0DE5]).permutation(len(items))]
     if not items:
         raise UserError(f"no images in {src} (looked for .jpg/.jpeg/.png/.webp files at any depth)")
     if name is None:
@@ -394,6 +400,7 @@ def pack(src, out, name=None, resolution=0, image_format="npy", workers=1, shard
     manifest = {
         "format": FORMAT, "name": name, "source": source, "source_kind": kind,
         "resolution": resolution or None, "image_format": image_format if resolution else None, "crop": crop,
+        "order": order, "order_seed": seed if order == "shuffled" else None,
         "attr_names": attr_names,
         "splits": {split: {"samples": w.samples, "shards": w.shards} for split, w in writers.items()},
         "skipped": skipped, "converted": converted,
