@@ -64,12 +64,16 @@ class DataConfig:
     train_shards: str = "shards/synth/synth-train-{000000..000003}.tar"  # brace pattern, comma list or manifest.json
     val_shards: str = ""  # same forms as train_shards; empty = no validation
     batch_size: int = 64  # images per process per micro-step
+    # Images per optimizer step, all ranks together; 0 = world_size x batch_size x train.grad_accum_steps.
+    # When set, train.grad_accum_steps is derived from it. It alone decides which samples a step trains on.
+    global_batch: int = 0
     num_workers: int = 2  # decoding processes per rank; 0 = decode in the training process
     # auto = CelebA's 168 px centre crop for 178x218 images, else the centre square of the shorter side;
     # N = a centre N x N crop (torchvision CenterCrop); 0 = the shorter side. Pre-cropped shards are never cropped.
     crop: str = "auto"
     hflip: bool = False  # random horizontal flips (deterministic per sample, seed and epoch)
-    shuffle_buffer: int = 1000  # samples held for shuffling within a worker; 0 = read order
+    shuffle_buffer: int = 1000  # pipe:/http shards only: samples held for shuffling within a worker; 0 = read order
+    shuffle_block: int = 262144  # local shards: the epoch is shuffled in blocks of this many samples; 0 = whole epoch
     max_bad_fraction: float = 0.05  # stop (save, exit 1) when more of the last data.bad_window samples are unreadable
     bad_window: int = 2000  # samples, all ranks together, over which data.max_bad_fraction is measured
     read_timeout_s: float = 120.0  # a pipe: or http shard silent this long (seconds) is unreadable
@@ -79,6 +83,8 @@ class DataConfig:
         _at_least("data.bad_window", self.bad_window, 1)
         _at_least("data.read_timeout_s", self.read_timeout_s, 0.1)
         _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.global_batch", self.global_batch, 0)
+        _at_least("data.shuffle_block", self.shuffle_block, 0)
         _at_least("data.num_workers", self.num_workers, 0)
         self.crop = str(self.crop).strip().lower()
         if self.crop != "auto" and not self.crop.isdigit():

@@ -35,13 +35,15 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
+from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
-from distvae.data.stream import ShardStream, describe_crop, mix64
+from distvae.data.stream import ShardStream, describe_crop
 from distvae.errors import UserError
 from distvae.evaluate import reconstruction_pairs, sample_grid, validate
 from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
 from distvae.loss import elbo
 from distvae.model import build_model
+from distvae.noise import sample_noise
 from distvae.runlock import LockLost, RunLock
 from distvae.runtime import (
     EXIT_FINISHED,
@@ -68,21 +70,26 @@ def lr_factor(cfg: Config, step: int) -> float:
     return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool) -> ShardStream:
+def accumulation_steps(cfg: Config, world: int) -> int:
+    """Micro-batches per optimizer step: from data.global_batch when it is set, else train.grad_accum_steps."""
+    if not cfg.data.global_batch:
+        return cfg.train.grad_accum_steps
+    try:
+        return check_global_batch(cfg.data.global_batch, world, cfg.data.batch_size)
+    except ValueError:
+        raise UserError(f"data.global_batch={cfg.data.global_batch} is not a multiple of {world} processes x "
+                        f"data.batch_size={cfg.data.batch_size}: change data.global_batch or data.batch_size") from None
+
+
+def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, accum: int = 1) -> ShardStream:
     return ShardStream(
         resolve_shards(spec, split="train" if train else "val"),
         batch_size=cfg.data.batch_size, resolution=cfg.model.resolution, channels=cfg.model.channels,
         crop=cfg.data.crop, hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
         train=train, cond_dim=cfg.model.cond_dim, pin_memory=accelerator.device.type == "cuda",
-        read_timeout=cfg.data.read_timeout_s,
+        read_timeout=cfg.data.read_timeout_s, accum=accum, shuffle_block=cfg.data.shuffle_block,
     )
-
-
-def step_noise(cfg: Config, rank: int, step: int, micro_step: int, batch: int, device) -> torch.Tensor:
-    """eps ~ N(0, I) for one micro-batch, fp32, a function of (seed, rank, step, micro-step) only: exact on resume."""
-    generator = torch.Generator(device).manual_seed(mix64(cfg.run.seed, rank, step, micro_step) % 2**63)
-    return torch.randn(batch, cfg.model.latent_dim, generator=generator, device=device)
 
 
 def train(cfg: Config) -> int:
@@ -124,7 +131,8 @@ def train(cfg: Config) -> int:
     log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
 
     # Data: each rank reads its own part; the loader is not passed through accelerator.prepare().
-    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True)
+    accum = accumulation_steps(cfg, world)
+    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
     log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
     val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
 
@@ -159,11 +167,12 @@ def train(cfg: Config) -> int:
         restore_rng(latest, rank)
         step, samples_seen = resumed["step"], resumed["samples_seen"]
         bad_steps_total = resumed["bad_steps"]
-        restore_stream_position(stream, resumed, cfg, world, log)
-        log.info(f"resuming from {latest} at step {step}")
+        note = stream.load_state_dict(resumed["stream"])
+        log.info(f"resuming from {latest} at step {step}" + (f"; {note}" if note else ""))
     else:
-        log.info(f"starting a new run in {run_dir}: {world} process(es) on {device.type}, "
-                 f"{stream.batches_per_epoch} batches of {cfg.data.batch_size} per process per epoch")
+        log.info(f"starting a new run in {run_dir}: {world} process(es) on {device.type}, global batch "
+                 f"{stream.spec.global_batch} ({world} x {cfg.data.batch_size} x {accum} micro-batches), "
+                 f"{stream.batches_per_epoch // accum} steps per epoch")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.train.mixed_precision)
     if launcher_precision != cfg.train.mixed_precision:
         log.info(f"the launcher asks for mixed precision {launcher_precision}; the config's "
@@ -185,7 +194,6 @@ def train(cfg: Config) -> int:
     # The loop. One optimizer step = grad_accum_steps micro-batches.
     fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
     batches = iter(stream)
-    accum = cfg.train.grad_accum_steps
     consecutive_bad, window = 0, WindowStats(device)
     health = DataHealth(cfg.data.max_bad_fraction, cfg.data.bad_window)
     buffers = BufferSnapshot(raw_model)
@@ -202,7 +210,8 @@ def train(cfg: Config) -> int:
                 batch = next(batches)
                 window.data_seconds += time.perf_counter() - waited
                 images, cond = batch.to(device, cfg.train.channels_last)
-                eps = step_noise(cfg, rank, step, micro_step, images.shape[0], device)
+                # Keyed by each sample's place in the epoch: the same noise for any topology and worker count.
+                eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_dim, device)
                 sync = micro_step == accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():  # the only autocast of the step: the loss leaves it for fp32
@@ -371,16 +380,6 @@ def restore_rng(folder: Path, rank: int) -> None:
         torch.set_rng_state(states["cpu"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state(states["cuda"])
-
-
-def restore_stream_position(stream: ShardStream, state: dict, cfg: Config, world: int, log: RunLog) -> None:
-    if state["world_size"] == world and state["batch_size"] == cfg.data.batch_size:
-        stream.load_state_dict(state["stream"])
-        return
-    # Another world size or batch size splits epochs differently: continue at the next epoch boundary.
-    stream.load_state_dict({"epoch": state["stream"]["epoch"] + 1, "batch": 0})
-    log.info(f"resuming with {world} processes x batch {cfg.data.batch_size} (saved: {state['world_size']} x "
-             f"{state['batch_size']}): data continues at the start of epoch {state['stream']['epoch'] + 1}")
 
 
 def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int) -> None:

@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,23 +24,30 @@ from distvae.data.stream import ShardStream, describe_crop
 DRAFT_MEAN, DRAFT_P99 = 1.5, 8
 
 
-def first_batch(manifest_or_spec: str, resolution: int, batch_size: int = 8, **options) -> np.ndarray:
-    """The first batch as training reads it, with the config's default crop unless one is given."""
+def first_batch(manifest_or_spec: str, resolution: int, batch_size: int = 8, **options):
+    """The first batch as training reads it (the config's default crop unless one is given), and which
+    (shard, index) each of its rows is."""
     options = {"crop": DataConfig().crop, **options}
     stream = ShardStream(resolve_shards(str(manifest_or_spec)), batch_size=batch_size, resolution=resolution,
                          shuffle_buffer=0, seed=0, **options)
-    return next(iter(stream)).images.numpy()
+    batch = next(iter(stream))
+    return batch.images.numpy(), stream.locate(batch.epoch, batch.positions)
 
 
-def first_shard_pixels(shard: Path, count: int) -> tuple[list[str], np.ndarray]:
-    """What the shard holds: its first `count` images decoded whole, without any crop or resize."""
-    keys, images = [], []
-    for _, sample in read_samples(str(shard), 0, count):
+def sample_of(ref) -> dict:
+    shard, index = ref
+    return next(read_samples(shard.url, index, index + 1))[1]
+
+
+def packed_pixels(refs) -> np.ndarray:
+    """What the shards hold for these rows: each image decoded whole, without any crop or resize."""
+    images = []
+    for ref in refs:
+        sample = sample_of(ref)
         ext = next(ext for ext in ("npy", "png", "jpg") if ext in sample)
         data = sample[ext]
         images.append(np.load(io.BytesIO(data)) if ext == "npy" else np.asarray(Image.open(io.BytesIO(data))))
-        keys.append(sample["__key__"])
-    return keys, np.stack(images)
+    return np.stack(images)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,8 @@ def packed256(synth_root, tmp_path_factory):
 @pytest.mark.parametrize("crop", ["auto", "168"])
 def test_shards_packed_at_256_train_on_their_packed_pixels(packed256, image_format, crop):
     folder = packed256[image_format]
-    _, packed = first_shard_pixels(folder / "synth-train-000000.tar", 8)
-    batch = first_batch(folder / "manifest.json", 256, crop=crop)
+    batch, refs = first_batch(folder / "manifest.json", 256, crop=crop)
+    packed = packed_pixels(refs)
     # jpg: the same libjpeg decodes the packed file whole in both (no draft at R = the packed size): exact too.
     np.testing.assert_array_equal(batch, packed)
     # Control: what main did before, the central 168 px zoomed back to 256, is nowhere near.
@@ -75,11 +81,13 @@ def test_pre_cropped_shards_without_their_manifest_are_not_cropped(packed256, tm
     shutil.copy(packed256["png"] / "synth-train-000000.tar", alone)
     (shard,) = resolve_shards(str(alone))
     assert shard.cropped == "celeba-center-168"
-    _, packed = first_shard_pixels(alone, 8)
-    np.testing.assert_array_equal(first_batch(alone, 256, crop="168"), packed)
+    batch, refs = first_batch(alone, 256, crop="168")
+    np.testing.assert_array_equal(batch, packed_pixels(refs))
     # At a lower model resolution the whole packed image is resized, row 0 included.
-    expected = np.stack([np.asarray(Image.fromarray(image).resize((64, 64), Image.BILINEAR)) for image in packed])
-    np.testing.assert_array_equal(first_batch(alone, 64, crop="168"), expected)
+    batch, refs = first_batch(alone, 64, crop="168")
+    expected = np.stack([np.asarray(Image.fromarray(image).resize((64, 64), Image.BILINEAR))
+                         for image in packed_pixels(refs)])
+    np.testing.assert_array_equal(batch, expected)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +111,10 @@ def big_folder(tmp_path_factory):
 def test_a_folder_of_1024_px_images_trains_on_the_whole_image(big_folder, tmp_path):
     pack(big_folder, tmp_path / "shards", val_fraction=0, test_fraction=0, progress=False)  # original bytes
     shard = tmp_path / "shards" / "images-train-000000.tar"
-    batch = first_batch(tmp_path / "shards" / "manifest.json", 32, batch_size=6)  # one shard, read in order
-    sources = [json.loads(sample["json"])["src"] for _, sample in read_samples(str(shard))]
-    assert len(sources) == len(batch) == 6
+    batch, refs = first_batch(tmp_path / "shards" / "manifest.json", 32, batch_size=6)
+    sources = [json.loads(sample_of(ref)["json"])["src"] for ref in refs]
+    assert len(sources) == len(batch) == 6 and sorted(sources) == sorted(
+        json.loads(sample["json"])["src"] for _, sample in read_samples(str(shard)))
     for image, src in zip(batch, sources):
         whole = np.asarray(Image.open(big_folder / src).convert("RGB").resize((32, 32), Image.BILINEAR))
         # png: the very same resize; jpg: decoded at 1/8 scale in the DCT domain first.
@@ -113,12 +122,12 @@ def test_a_folder_of_1024_px_images_trains_on_the_whole_image(big_folder, tmp_pa
         assert np.abs(image.astype(int) - whole).mean() <= limit, src
         assert (image[:2, :, 0] > 150).all() and (image[:2, :, 1] < 100).all()  # the red frame is there, all of it
     # Control: main's old behaviour, data.crop=168 on these images, shows none of the frame.
-    cropped = first_batch(tmp_path / "shards" / "manifest.json", 32, batch_size=6, crop="168")
+    cropped, _ = first_batch(tmp_path / "shards" / "manifest.json", 32, batch_size=6, crop="168")
     assert not ((cropped[:, :2, :, 0] > 150) & (cropped[:, :2, :, 1] < 100)).any()
 
 
 def test_celeba_layout_jpegs_still_get_the_tutorial_crop(jpeg_shards):
-    batch = first_batch(jpeg_shards, 64, train=False)  # validation order: shard 0 first
+    batch, _ = first_batch(jpeg_shards, 64, train=False)  # validation order: shard 0 first
     shard = resolve_shards(str(jpeg_shards))[0]
     assert shard.cropped is None
     tutorial, shorter = [], []
@@ -206,9 +215,10 @@ def test_shards_packed_before_the_tags_still_say_what_was_cropped(packed256, tmp
             tar.addfile(member, io.BytesIO(data))
     (shard,) = resolve_shards(str(folder / "synth-train-{000000..000000}.tar"))
     assert shard.cropped == "celeba-center-168"
-    _, packed = first_shard_pixels(path, 8)
-    np.testing.assert_array_equal(first_batch(folder / "synth-train-{000000..000000}.tar", 256, crop="168"), packed)
+    batch, refs = first_batch(folder / "synth-train-{000000..000000}.tar", 256, crop="168")
+    packed = packed_pixels(refs)
+    np.testing.assert_array_equal(batch, packed)
     (folder / "manifest.json").unlink()  # neither tag nor manifest: an explicit crop applies, as it must
     (shard,) = resolve_shards(str(path))
     assert shard.cropped is None
-    assert np.abs(first_batch(path, 256, crop="168").astype(int) - packed).mean() > 10
+    assert np.abs(first_batch(path, 256, crop="168")[0].astype(int) - packed).mean() > 10

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import distvae.data.stream as stream_module
+import distvae.data.batches as batches_module
+from distvae.data.batches import buffer_shuffle
 from distvae.data.decode import decode_sample
 from distvae.data.shards import count_samples, read_samples, resolve_shards
-from distvae.data.stream import ShardStream, buffer_shuffle
+from distvae.data.stream import ShardStream
 from distvae.errors import UserError
 
 RES = 4
@@ -120,7 +121,7 @@ def test_equal_batches_disjoint_ranks_and_coverage(uneven, world_size, num_worke
         seen, counts = [], []
         for rank in range(world_size):
             stream = make_stream(uneven, rank=rank, world_size=world_size, num_workers=num_workers)
-            stream.load_state_dict({"epoch": epoch, "batch": 0})
+            stream.seek(epoch)
             batches = take(stream, stream.batches_per_epoch)
             ids = [i for b in batches for i in ids_of(b)]
             assert len(ids) == len(set(ids))  # no sample twice within a rank's epoch
@@ -173,10 +174,10 @@ def test_resume_is_bit_exact(uneven, num_workers, stop_at):
 
 def test_resume_decodes_nothing_it_skips(uneven, monkeypatch):
     decoded = []
-    monkeypatch.setattr(stream_module, "decode_sample", lambda sample, *a: decoded.append(1) or
+    monkeypatch.setattr(batches_module, "decode_sample", lambda sample, *a: decoded.append(1) or
                         decode_sample(sample, *a))
     stream = make_stream(uneven)
-    stream.load_state_dict({"epoch": 0, "batch": 30})
+    stream.seek(0, 30)
     take(stream, 6)  # the rest of epoch 0 (36 batches)
     assert len(decoded) == 6 * 4
 
@@ -204,8 +205,9 @@ def test_corrupt_sample_is_replaced_and_reported(tmp_path, capfd):
             add_member(tar, f"{key}.json", b"{}")
     stream = make_stream(resolve_shards(str(folder / "manifest.json")), shuffle_buffer=0)
     batches = take(stream, 4)
-    assert [b.bad for b in batches] == [0, 1, 0, 0]
-    assert 5 not in [i for b in batches for i in ids_of(b)]
+    holds_five = [any(index == 5 for _, index in stream.locate(b.epoch, b.positions)) for b in batches]
+    assert [b.bad for b in batches] == [int(flag) for flag in holds_five] and sum(holds_five) == 1
+    assert 5 not in [i for b in batches for i in ids_of(b)]  # replaced by another sample of its batch
     assert "skipping sample 00000005" in capfd.readouterr().err
 
 
@@ -240,8 +242,11 @@ def test_lean_reader_matches_tarfile(tmp_path):
 
 
 def test_pipe_and_http_give_the_same_batches(tmp_path):
+    """Sequential sources read the same data in the same order; local files, read by the global plan,
+    give the same samples over an epoch in another order."""
     files = write_shards(tmp_path / "web", [9, 14, 11])
     local = [ids_of(b) for b in take(make_stream(resolve_shards(",".join(files))), 8)]
+    local_sequential = [ids_of(b) for b in take(make_stream(resolve_shards(",".join(files)), train=False), 8)]
     piped = [ids_of(b) for b in take(make_stream(resolve_shards(",".join(f"pipe:cat {f}" for f in files))), 8)]
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "web"))
     handler.log_message = lambda *args: None
@@ -255,7 +260,11 @@ def test_pipe_and_http_give_the_same_batches(tmp_path):
         by_manifest = [ids_of(b) for b in take(make_stream(resolve_shards(base + "/manifest.json")), 8)]
     finally:
         server.shutdown()
-    assert local == piped == served == by_manifest
+    assert piped == served == by_manifest
+    for order in (local, piped):  # one epoch: 8 batches of 4 of the 34 samples, none twice
+        assert len(set(sum(order, []))) == 32 and set(sum(order, [])) <= set(range(34))
+    assert local != piped  # the plan's order, not the shard-and-buffer order
+    assert sum(local_sequential, []) == list(range(32))  # validation: in order
 
 
 def test_jpeg_decode_matches_the_reference_transform():

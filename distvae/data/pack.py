@@ -6,7 +6,8 @@
 
 Writes OUT/NAME-SPLIT-000000.tar, -000001.tar, ... (SPLIT = train/val/test, --shard-size samples each) and then
 OUT/manifest.json. Samples are written in a random order drawn from --seed (--order source keeps the source
-order): a folder sorted by class, identity or date would otherwise give shards, and so batches, of one kind. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
+order): a folder sorted by class, identity or date would otherwise give shards, and so batches, of one
+kind. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
 bytes, or npy/png/jpg when pre-resized) followed by `KEY.json` (compact, sorted keys: src, split, attrs?,
 identity?, and crop + resolution when pre-resized, so the stream never crops such a sample again). Member
 metadata is fixed, so the same input gives byte-identical shards for any --workers.

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class Shard:
     url: str  # local path, http(s):// URL or pipe:command
     samples: int  # number of samples (image + metadata groups) in the tar
     cropped: str | None = None  # crop done at pack time ("celeba-center-168", "shorter-side-center"); None = none
+    sha256: str = ""  # the file's checksum, from the manifest ("" when no manifest lists it)
 
 
 class ShardError(Exception):
@@ -90,12 +92,12 @@ def _sibling(url: str, name: str) -> str | None:
     return str(Path(url).parent / name)
 
 
-def _shards_in_manifest(manifest: dict) -> dict[str, tuple[int, str | None]]:
-    """File name -> (samples, crop done at pack time) of every shard a manifest lists."""
+def _shards_in_manifest(manifest: dict) -> dict[str, tuple[int, str | None, str]]:
+    """File name -> (samples, crop done at pack time, sha256) of every shard a manifest lists."""
     found = {}
     for split in manifest.get("splits", {}).values():
         for shard in split.get("shards", []):
-            found[shard["file"]] = shard["samples"], manifest.get("crop")
+            found[shard["file"]] = shard["samples"], manifest.get("crop"), shard.get("sha256", "")
     return found
 
 
@@ -115,10 +117,11 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
         if not entries:
             raise UserError(f"manifest {manifest_url} lists no shards for split {split!r}")
         cropped = manifest.get("crop")
-        return [Shard(_sibling(manifest_url, entry["file"]), entry["samples"], cropped) for entry in entries]
+        return [Shard(_sibling(manifest_url, entry["file"]), entry["samples"], cropped, entry.get("sha256", ""))
+                for entry in entries]
 
     urls = [url for part in _split_list(spec) for url in braceexpand(part)]
-    listed_by_manifest: dict[str, dict[str, tuple[int, str | None]]] = {}
+    listed_by_manifest: dict[str, dict[str, tuple[int, str | None, str]]] = {}
     shards = []
     for url in urls:
         if not url.startswith("pipe:") and not _is_remote(url) and not Path(url).is_file():
@@ -129,7 +132,7 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
         listed = listed_by_manifest.get(manifest_url, {}).get(url.rsplit("/", 1)[-1])
         if listed is None:
             count, first = scan_shard(url)
-            listed = count, first.get("crop")
+            listed = count, first.get("crop"), ""
         shards.append(Shard(url, *listed))
     return shards
 
@@ -225,10 +228,15 @@ def _octal(field: bytes) -> int:
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = path up to the first dot of the file name
 
 
-def _members(source: _Source) -> Iterator[tuple[str, int, int]]:
-    """Yield (name, size, padded size) of regular files; the caller must read or skip `padded` bytes."""
-    long_name = None
+def _members(source) -> Iterator[tuple[str, int, int]]:
+    """Yield (name, size, padded size) of regular files; the caller must read or skip `padded` bytes.
+
+    Before each yield, `source.member_start` is the offset of the member's first header (its GNU long
+    name or pax header included): where a random-access read of it starts.
+    """
+    long_name, prefix_at = None, None
     while True:
+        header_at = source.position
         header = source.read(512)
         if len(header) < 512:
             raise ShardError("ends before the tar end marker (truncated)")
@@ -240,6 +248,7 @@ def _members(source: _Source) -> Iterator[tuple[str, int, int]]:
         padded = (size + 511) & ~511
         kind = header[156:157]
         if kind in (b"L", b"x"):  # GNU long name / pax header: the next member's real name
+            prefix_at = header_at if prefix_at is None else prefix_at
             payload = source.read(padded)[:size]
             if kind == b"L":
                 long_name = payload.rstrip(b"\0").decode()
@@ -252,6 +261,7 @@ def _members(source: _Source) -> Iterator[tuple[str, int, int]]:
         if not long_name and header[257:263] == b"ustar\0" and header[345]:  # POSIX prefix (GNU uses it otherwise)
             name = header[345:500].rstrip(b"\0").decode() + "/" + name
         long_name = None
+        source.member_start, prefix_at = header_at if prefix_at is None else prefix_at, None
         if kind not in (b"0", b"\0", b"7"):
             if not source.skip(padded):
                 raise ShardError("ends inside a member (truncated)")
@@ -328,3 +338,111 @@ def scan_shard(url: str) -> tuple[int, dict]:
     except ValueError:
         meta = {}
     return count, meta if isinstance(meta, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random access
+
+
+def is_seekable(url: str) -> bool:
+    """Local (or mounted) files can be read at any sample; pipe: and http(s) only from the start."""
+    return not url.startswith("pipe:") and not _is_remote(url)
+
+
+class _MapView:
+    """read/skip over a memory map from any offset, for _members."""
+
+    def __init__(self, data, position: int):
+        self.map, self.position, self.member_start = data, position, position
+
+    def read(self, size: int) -> bytes:
+        data = self.map[self.position : self.position + size]
+        self.position += len(data)
+        return data
+
+    def skip(self, size: int) -> bool:
+        self.position += size
+        return self.position <= len(self.map)
+
+
+@dataclass
+class _MappedShard:
+    map: mmap.mmap | bytes
+    keys: list[str]
+    starts: list[int]  # offset of each sample's first header
+    ends: list[int]  # offset just past its last member
+    damage: str | None  # why the index stops early, when it does
+
+
+def _index(url: str) -> _MappedShard:
+    with open(url, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    view = _MapView(data, 0)
+    keys, starts, ends, damage = [], [], [], None
+    try:
+        for name, _, padded in _members(view):
+            start = view.member_start
+            if not view.skip(padded):
+                raise ShardError(f"ends inside member {name} (truncated)")
+            match = _KEY.match(name)
+            if match is None:
+                continue
+            if not keys or match.group(1) != keys[-1]:
+                keys.append(match.group(1))
+                starts.append(start)
+                ends.append(view.position)
+            else:
+                ends[-1] = view.position
+    except ShardError as error:
+        damage = str(error)
+        if keys:  # the last sample may be cut: only whole samples before the damage count
+            keys.pop(), starts.pop(), ends.pop()
+    return _MappedShard(data, keys, starts, ends, damage)
+
+
+class SeekableShards:
+    """Samples of local shards by index: each shard's member offsets are read from its headers on first
+    use (payloads are not touched) and the shard stays mapped; beyond `keep_open` shards, the least
+    recently used is closed. One per data worker (a map does not cross fork/pickle boundaries)."""
+
+    def __init__(self, keep_open: int = 256):
+        self.keep_open = keep_open
+        self.shards: OrderedDict[str, _MappedShard] = OrderedDict()
+
+    def _shard(self, url: str) -> _MappedShard:
+        shard = self.shards.get(url)
+        if shard is None:
+            shard = self.shards[url] = _index(url)
+            while len(self.shards) > self.keep_open:
+                _, old = self.shards.popitem(last=False)
+                if not isinstance(old.map, bytes):
+                    old.map.close()
+        self.shards.move_to_end(url)
+        return shard
+
+    def sample(self, url: str, index: int) -> dict:
+        """{ext: bytes, "__key__": key} of sample `index`; ShardError when the shard cannot give it."""
+        try:
+            shard = self._shard(url)
+        except OSError as error:
+            raise ShardError(f"cannot be opened: {error.strerror or error}") from None
+        if index >= len(shard.keys):
+            raise ShardError(shard.damage or f"holds {len(shard.keys)} samples, fewer than its manifest says")
+        view = _MapView(shard.map, shard.starts[index])
+        sample = {"__key__": shard.keys[index]}
+        for name, size, padded in _members(view):
+            match = _KEY.match(name)
+            if match is None:
+                view.skip(padded)
+            else:
+                sample[match.group(2).lower()] = view.read(padded)[:size]
+            if view.position >= shard.ends[index]:
+                break
+        return sample
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            if not isinstance(shard.map, bytes):
+                shard.map.close()
+        self.shards.clear()

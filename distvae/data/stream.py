@@ -2,30 +2,27 @@
 
     shards = resolve_shards("shards/celeba/manifest.json", split="train")
     stream = ShardStream(shards, batch_size=64, resolution=64, seed=0, rank=rank, world_size=world,
-                         num_workers=4)
-    stream.load_state_dict(saved)          # {"epoch": 3, "batch": 1200}: continue exactly there
+                         accum=2, num_workers=4)
+    note = stream.load_state_dict(saved)   # continue where a checkpoint left off ("" when exactly)
     for batch in stream:                   # endless: epoch after epoch
         images, cond = batch.to(device)    # float (B, C, H, W) in [0, 1] on the device
+        batch.positions, batch.epoch       # each sample's place in the epoch's global order
 
-How an epoch is planned (a pure function of seed, epoch, rank, world size and worker):
-1. The shards are put in an order drawn from (seed, epoch) and seen as one long sequence of samples.
-2. Every rank takes the same number of whole batches, floor(N / world_size / batch_size), as one
-   contiguous slice of that sequence: no rank ever waits for another at the epoch end, nothing is
-   repeated within an epoch, and at most world_size * batch_size samples are left out (a different
-   few each epoch, as the shard order changes).
-3. A rank's slice is cut into contiguous parts for its (logical) workers; worker w makes batches
-   w, w + K, w + 2K, ... of the rank's epoch, which is the order the DataLoader hands them out in.
-4. Each worker shuffles its part with a shuffle buffer whose choices are simulated on sample indices
-   before any byte is read. The order of every sample is therefore known up front, so resuming at
-   batch j reads only what is still to come, decodes nothing it skips, and yields the same bytes as
-   the run that never stopped.
+Training on seekable shards (local or mounted files) follows the global plan (`plan.py`): global batch
+t of an epoch is always the same samples in the same places, and in micro-step m rank r takes its
+slice [(m * world_size + r) * batch_size, + batch_size) of it. Only the global batch
+(world_size x batch_size x accum) decides what is trained on: the number of data workers never does,
+and a resume with another world size and per-rank batch at the same global batch continues exactly.
+The position is the sample where the epoch's next global batch starts (`sample_in_epoch`).
 
-A sample that cannot be read (corrupt image, truncated or unreachable shard) is replaced by a good
-sample of the same batch, counted in `batch.bad` and reported once on stderr with the shard and key:
-every rank still yields the same number of full batches. A batch with no readable sample at all has
-`batch.readable` False and the trainer skips the step on every rank: no step learns from placeholder
-pixels. (Refilling it from earlier batches would make the batch depend on what the worker read
-before, and a resume at that batch would differ from the run that never stopped.)
+Training on pipe: or http shards (which can only be read front to back) keeps the per-rank order:
+each rank reads a contiguous slice of the epoch's shard sequence, shuffled through a buffer. It is
+exact on resume only with the same world size, batch size and worker count; otherwise the data
+continues at the next epoch and `load_state_dict` says so. Validation reads every sample once, in order.
+
+Every rank yields the same number of whole batches per epoch. A sample that cannot be read is
+replaced by a good sample of its batch and reported; a batch with no readable sample has
+`readable` False and is not trained on (see batches.py).
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,9 +38,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distvae.data.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side, decode_sample
+from distvae.data.batches import planned_batches, sequential_batches
+from distvae.data.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side
+from distvae.data.plan import GlobalPlan, check_global_batch
+from distvae.data.shards import READ_TIMEOUT, Shard, ShardError, is_seekable, read_samples
 from distvae.errors import UserError
-from distvae.data.shards import READ_TIMEOUT, Shard, ShardError, read_samples
 
 
 @dataclass
@@ -54,6 +52,8 @@ class Batch:
     bad: int  # samples in this batch that could not be read and were replaced by readable ones
     bad_shards: tuple[str, ...] = ()  # the shards those samples came from
     readable: bool = True  # False: no sample of this batch could be read (its pixels are zeros: do not train on it)
+    positions: torch.Tensor | None = None  # int64 (B,): each sample's position in the epoch's order
+    epoch: int = 0
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Float images (B, C, H, W) in [0, 1] on the device; uint8 crosses the bus, 4x less than float."""
@@ -82,12 +82,22 @@ class StreamSpec:
     train: bool  # True: shuffled, equal whole batches per rank; False: every sample once, in order
     cond_dim: int
     read_timeout: float = READ_TIMEOUT  # seconds a pipe: or http shard may stay silent
+    accum: int = 1  # micro-batches per optimizer step: global batch = world_size x batch_size x accum
+    shuffle_block: int = 2**18  # global plan: samples per shuffle block; 0 = the whole epoch
+    planned: bool = False  # True: the global plan (training, seekable shards); False: sequential reading
 
     @property
     def total(self) -> int:
         return sum(shard.samples for shard in self.shards)
 
-    def rank_batches(self) -> int:
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accum
+
+    def rank_batches(self, start_sample: int = 0) -> int:
+        """Batches each rank yields in an epoch (planned: from position start_sample on)."""
+        if self.planned:
+            return (self.total - start_sample) // self.global_batch * self.accum
         return self.total // self.world_size // self.batch_size
 
     def shard_order(self, epoch: int) -> list[int]:
@@ -111,137 +121,9 @@ class StreamSpec:
         return begin, end, -(-(end - begin) // self.batch_size)
 
 
-def buffer_shuffle(length: int, buffer: int, rng: np.random.Generator) -> list[int]:
-    """The order in which a shuffle buffer of this size emits positions 0..length-1 read in order."""
-    if buffer <= 1 or length <= 1:
-        return list(range(length))
-    draws = rng.random(length)
-    held, order = [], []
-    for position in range(length):
-        held.append(position)
-        if len(held) >= buffer:
-            pick = int(draws[position] * len(held))
-            held[pick], held[-1] = held[-1], held[pick]
-            order.append(held.pop())
-    rng.shuffle(held)
-    return order + held
-
-
-def mix64(*values: int) -> int:
-    """splitmix64 over the values: a cheap, order-independent per-sample coin."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return state ^ (state >> 29)
-
-
-def _report(spec: StreamSpec, message: str) -> None:
-    print(f"[distvae data] rank {spec.rank}: {message}", file=sys.stderr, flush=True)
-
-
-def _segments(spec: StreamSpec, order: list[int], begin: int, end: int) -> list[tuple[Shard, int, int, int]]:
-    """Cut positions [begin, end) of the epoch sequence into (shard, first index, end index, position)."""
-    segments, offset = [], 0
-    for shard_index in order:
-        shard = spec.shards[shard_index]
-        low, high = max(begin, offset), min(end, offset + shard.samples)
-        if low < high:
-            segments.append((shard, low - offset, high - offset, low))
-        offset += shard.samples
-    return segments
-
-
-def _read_positions(spec, segments, needed: set[int]) -> Iterator[tuple[int, dict | None, Shard]]:
-    """Yield (position, sample or None when unreadable, its shard) for every needed position, in read order."""
-    for shard, first, end, position0 in segments:
-        missing = set(range(position0, position0 + end - first)) & needed
-        if not missing:
-            continue
-        try:
-            wanted = lambda index, p0=position0, f=first: p0 + index - f in needed  # noqa: E731
-            for index, sample in read_samples(shard.url, first, end, wanted, spec.read_timeout):
-                position = position0 + index - first
-                missing.discard(position)
-                yield position, sample, shard
-        except (OSError, ShardError, ValueError) as error:
-            _report(spec, f"shard {shard.url} {error}; {len(missing)} samples after the damage are replaced")
-        else:
-            if missing:
-                _report(spec, f"shard {shard.url} holds fewer samples than its manifest says; {len(missing)} replaced")
-        for position in sorted(missing):
-            yield position, None, shard
-
-
-def worker_batches(spec: StreamSpec, epoch: int, worker: int, skip: int = 0) -> Iterator[dict]:
-    """The batches of one logical worker in one epoch, after skipping its first `skip` batches."""
-    begin, end, batches = spec.worker_range(worker)
-    length = batches * spec.batch_size if spec.train else end - begin
-    if spec.train and spec.shuffle_buffer > 1:
-        rng = np.random.default_rng([spec.seed, epoch, spec.rank, spec.world_size, worker, spec.workers])
-        order = buffer_shuffle(length, spec.shuffle_buffer, rng)
-    else:
-        order = list(range(length))
-    remaining = [begin + offset for offset in order[skip * spec.batch_size :]]
-    if not remaining:
-        return
-    reader = _read_positions(spec, _segments(spec, spec.shard_order(epoch), begin, end), set(remaining))
-    pending: dict[int, tuple[dict | None, Shard]] = {}
-    for batch_start in range(0, len(remaining), spec.batch_size):
-        targets = remaining[batch_start : batch_start + spec.batch_size]
-        images = np.empty((len(targets), spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
-        cond = np.zeros((len(targets), spec.cond_dim), dtype=np.float32) if spec.cond_dim else None
-        good, bad_shards = [], set()
-        for slot, position in enumerate(targets):
-            while position not in pending:
-                read_position, sample, shard = next(reader)
-                pending[read_position] = sample, shard
-            sample, shard = pending.pop(position)
-            if sample is not None and _fill(spec, epoch, position, sample, shard, images, cond, slot):
-                good.append(slot)
-            else:
-                bad_shards.add(shard.url)
-        for slot in sorted(set(range(len(targets))) - set(good)):  # replace with good samples of this batch
-            source = good[slot % len(good)] if good else None
-            images[slot] = images[source] if good else 0  # no good sample: `readable` False, the step is skipped
-            if cond is not None:
-                cond[slot] = cond[source] if good else 0
-        yield {"images": torch.from_numpy(images), "cond": None if cond is None else torch.from_numpy(cond),
-               "bad": len(targets) - len(good), "bad_shards": sorted(bad_shards), "readable": bool(good)}
-
-
-_noticed: set[str] = set()
-
-
-def _notice_once(spec: StreamSpec, kind: str, message: str) -> None:
-    """Report the first notice of each kind in this process (a folder of many sizes says it once)."""
-    if kind not in _noticed:
-        _noticed.add(kind)
-        _report(spec, message)
-
-
-def _fill(spec: StreamSpec, epoch: int, position: int, sample: dict, shard: Shard, images, cond, slot: int) -> bool:
-    try:
-        crop = 0 if shard.cropped else spec.crop  # 0 on a square image: the whole image
-        notice = lambda text: _notice_once(spec, "crop", text)  # noqa: E731
-        image = decode_sample(sample, spec.resolution, crop, spec.channels, notice)
-        if cond is not None:
-            attrs = json.loads(sample["json"])["attrs"]
-            if len(attrs) != spec.cond_dim:
-                raise ValueError(f"has {len(attrs)} attributes, model.cond_dim is {spec.cond_dim}")
-            cond[slot] = attrs
-    except Exception as error:  # any undecodable sample is replaced, never fatal
-        _report(spec, f"skipping sample {sample.get('__key__')} (epoch {epoch}): {type(error).__name__}: {error}")
-        return False
-    if spec.hflip and spec.train and mix64(spec.seed, epoch, position) & 1:
-        image = image[:, ::-1]
-    images[slot] = image
-    return True
-
-
 class _EpochDataset(IterableDataset):
-    def __init__(self, spec: StreamSpec, epoch: int, start_batch: int):
-        self.spec, self.epoch, self.start_batch = spec, epoch, start_batch
+    def __init__(self, spec: StreamSpec, epoch: int, start_sample: int, start_batch: int):
+        self.spec, self.epoch, self.start_sample, self.start_batch = spec, epoch, start_sample, start_batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -249,11 +131,14 @@ class _EpochDataset(IterableDataset):
         physical = info.id if info is not None else 0
         if info is None and workers > 1:
             raise RuntimeError("a multi-worker stream must run under a DataLoader with num_workers workers")
-        # The DataLoader always starts with physical worker 0; after a resume at batch j, worker 0 must
-        # play the logical worker that made batch j, so the interleaving continues unchanged.
+        if self.spec.planned:  # the DataLoader takes a batch from each worker in turn, from worker 0
+            yield from planned_batches(self.spec, self.epoch, self.start_sample, self.start_batch, physical, workers)
+            return
+        # Sequential: after a resume at batch j, physical worker 0 must play the logical worker that made
+        # batch j, so the interleaving continues unchanged.
         worker = (physical + self.start_batch) % workers
         skip = max(0, -(-(self.start_batch - worker) // workers))
-        yield from worker_batches(self.spec, self.epoch, worker, skip)
+        yield from sequential_batches(self.spec, self.epoch, worker, skip)
 
 
 def check_attributes(shard: Shard, cond_dim: int) -> None:
@@ -329,20 +214,27 @@ class ShardStream:
         cond_dim: int = 0,
         pin_memory: bool = False,
         read_timeout: float = READ_TIMEOUT,
+        accum: int = 1,
+        shuffle_block: int = 2**18,
     ):
+        planned = train and all(is_seekable(shard.url) for shard in shards)
         self.spec = StreamSpec(
             tuple(shards), batch_size, resolution, channels, crop, hflip, shuffle_buffer, seed, rank,
-            world_size, max(1, num_workers), train, cond_dim, read_timeout,
+            world_size, max(1, num_workers), train, cond_dim, read_timeout, accum, shuffle_block, planned,
         )
+        check_global_batch(self.spec.global_batch, world_size, batch_size)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         if cond_dim:
             check_attributes(shards[0], cond_dim)
         if train and self.spec.rank_batches() == 0:
-            raise UserError(
-                f"the training shards hold {self.spec.total} samples, fewer than world_size x batch_size = "
-                f"{world_size} x {batch_size}: lower data.batch_size or add data"
-            )
-        self.epoch, self.batch = 0, 0
+            what = "the global batch (world_size x batch_size x accumulation)" if planned else \
+                "world_size x batch_size"
+            raise UserError(f"the training shards hold {self.spec.total} samples, fewer than {what} = "
+                            f"{self.spec.global_batch if planned else world_size * batch_size}: lower "
+                            f"data.batch_size or add data")
+        self.epoch = 0
+        self.start_sample = 0  # planned: where this epoch's first global batch (of this size) started
+        self.batch = 0  # batches taken since start_sample
 
     @property
     def batches_per_epoch(self) -> int:
@@ -350,13 +242,68 @@ class ShardStream:
         return self.spec.rank_batches()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        """The position, as plain data."""
+        if self.spec.planned:
+            step, micro_step = divmod(self.batch, self.spec.accum)
+            return {"order": "global", "epoch": self.epoch, "sample_in_epoch": self.start_sample
+                    + step * self.spec.global_batch, "micro_batch": micro_step, "global_batch": self.spec.global_batch}
+        return {"order": "sequential", "epoch": self.epoch, "batch": self.batch, "world_size": self.spec.world_size,
+                "batch_size": self.spec.batch_size, "workers": self.spec.workers}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+    def load_state_dict(self, state: dict) -> str:
+        """Continue from a saved position; returns "" when exactly, else one line saying where the data goes on."""
+        epoch = int(state["epoch"])
+        order = state.get("order")
+        if order is None:
+            return self._next_epoch(epoch, "the checkpoint's data position predates the global data order")
+        if order != ("global" if self.spec.planned else "sequential"):
+            return self._next_epoch(epoch, f"the checkpoint read the data in {order} order, this run reads it in "
+                                           f"{'global' if self.spec.planned else 'sequential'} order")
+        if not self.spec.planned:
+            same = (state["world_size"], state["batch_size"], state["workers"]) == (
+                self.spec.world_size, self.spec.batch_size, self.spec.workers)
+            if not same:
+                return self._next_epoch(epoch, f"sequential shards (pipe: or http) were read by {state['world_size']} "
+                                               f"ranks x batch {state['batch_size']} x {state['workers']} workers, now "
+                                               f"{self.spec.world_size} x {self.spec.batch_size} x {self.spec.workers}")
+            self.epoch, self.start_sample, self.batch = epoch, 0, int(state["batch"])
+            return ""
+        sample, saved_batch = int(state["sample_in_epoch"]), int(state["global_batch"])
+        self.epoch, self.start_sample = epoch, sample
+        if saved_batch == self.spec.global_batch:
+            self.batch = int(state["micro_batch"])
+            return ""
+        self.batch = 0
+        if self.spec.rank_batches(sample) == 0:
+            return self._next_epoch(epoch, f"the global batch changed from {saved_batch} to {self.spec.global_batch} "
+                                           f"with fewer than {self.spec.global_batch} samples left in epoch {epoch}")
+        return (f"the global batch changed from {saved_batch} to {self.spec.global_batch}: the data continues at "
+                f"sample {sample:,} of epoch {epoch}, the same place; the steps from here on hold other samples")
 
-    def _epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        dataset = _EpochDataset(self.spec, epoch, start_batch)
+    def locate(self, epoch: int, positions) -> list[tuple[Shard, int]]:
+        """(shard, index in the shard) of the sample at each position of the epoch: what a batch's rows are."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.spec.planned:
+            counts = tuple(shard.samples for shard in self.spec.shards)
+            plan = GlobalPlan(counts, self.spec.seed, self.spec.shuffle_block)
+            shard_indices, indices = plan.samples(epoch, positions)
+        else:  # sequential: positions run through the epoch's shard order, shard after shard
+            order = np.asarray(self.spec.shard_order(epoch))
+            starts = np.concatenate([[0], np.cumsum([self.spec.shards[i].samples for i in order])])
+            slots = np.searchsorted(starts, positions, side="right") - 1
+            shard_indices, indices = order[slots], positions - starts[slots]
+        return [(self.spec.shards[shard], int(index)) for shard, index in zip(shard_indices.tolist(), indices.tolist())]
+
+    def seek(self, epoch: int, batch: int = 0) -> None:
+        """Put the stream at this rank's batch `batch` of epoch `epoch` (for tools and tests)."""
+        self.epoch, self.start_sample, self.batch = epoch, 0, batch
+
+    def _next_epoch(self, epoch: int, why: str) -> str:
+        self.epoch, self.start_sample, self.batch = epoch + 1, 0, 0
+        return f"{why}: the data continues at the start of epoch {epoch + 1}"
+
+    def _epoch(self, epoch: int, start_sample: int, start_batch: int) -> Iterator[Batch]:
+        dataset = _EpochDataset(self.spec, epoch, start_sample, start_batch)
         if self.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -364,18 +311,21 @@ class ShardStream:
                                       pin_memory=self.pin_memory, prefetch_factor=4,
                                       worker_init_fn=_ignore_stop_signals))
         for item in batches:
-            yield Batch(item["images"], item["cond"], item["bad"], tuple(item["bad_shards"]), item["readable"])
+            yield Batch(item["images"], item["cond"], item["bad"], tuple(item["bad_shards"]), item["readable"],
+                        item["positions"], item["epoch"])
 
     def __iter__(self) -> Iterator[Batch]:
         """Endless training batches from the current position; the position advances as batches are taken."""
         if not self.spec.train:
-            yield from self._epoch(0, 0)
+            yield from self._epoch(0, 0, 0)
             return
         while True:
-            if self.batch >= self.batches_per_epoch:
-                self.epoch, self.batch = self.epoch + 1, 0
-            for batch in self._epoch(self.epoch, self.batch):
+            per_epoch = self.spec.rank_batches(self.start_sample)
+            if self.batch >= per_epoch:
+                self.epoch, self.start_sample, self.batch = self.epoch + 1, 0, 0
+                per_epoch = self.spec.rank_batches()
+            for batch in self._epoch(self.epoch, self.start_sample, self.batch):
                 self.batch += 1
                 yield batch
-            if self.batch < self.batches_per_epoch:
-                raise RuntimeError(f"epoch {self.epoch} ended after {self.batch} of {self.batches_per_epoch} batches")
+            if self.batch < per_epoch:
+                raise RuntimeError(f"epoch {self.epoch} ended after {self.batch} of {per_epoch} batches")
