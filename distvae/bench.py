@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distvae.bench_order import access_rates, batch_diversity, order_lines
 from distvae.config import DataConfig
 from distvae.data.decode import decode_sample
 from distvae.data.shards import Shard, read_samples, resolve_shards
@@ -91,10 +92,14 @@ def bench_data(source: str | None = None, resolution: int = 64, seconds: float =
             print(f"prepared {len(files):,} images ({'synthetic' if source is None else source}), packed as original "
                   f"JPEGs and {resolution} px npy in {time.perf_counter() - started:.1f} s", flush=True)
             rates, walls, parts = _measure(files, shards, resolution, seconds, rounds)
+            access = access_rates(shards["preresized"], seconds, rounds)
     finally:
         torch.set_num_threads(threads)
     report = _summarise(rates, walls, parts, resolution, len(files), source, seconds, rounds)
+    report["order"] = {"diversity": batch_diversity(), "access": access}
     _print_report(report)
+    for line in order_lines(report["order"]["diversity"], access):
+        print(line)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report

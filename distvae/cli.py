@@ -7,6 +7,7 @@
     distvae bench data [--resolution 64] [--json out.json]
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
+    distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 from distvae.config import add_config_arguments, config_from_args
 from distvae.errors import UserError
+from distvae.state import add_resume_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a VAE in this process (see README for multi-GPU launches)")
     add_config_arguments(train)
+    add_resume_arguments(train)
 
     info = commands.add_parser("info", help="print a model's layers, parameter count and activation memory")
     add_config_arguments(info)
@@ -49,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--order", default="shuffled", choices=("shuffled", "source"),
                       help="sample order within each split: seeded random (default) or the source's own")
     pack.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (same seed, same shards)")
+
+    data = commands.add_parser("data", help="inspect the training data as the trainer sees it")
+    data_kinds = data.add_subparsers(dest="data_kind", metavar="KIND")
+    data_plan = data_kinds.add_parser("plan", help="the sample keys of a global batch, or of one rank's part")
+    add_config_arguments(data_plan)
+    data_plan.add_argument("--epoch", type=int, default=0)
+    data_plan.add_argument("--step", type=int, default=0, help="the step within the epoch (0-based)")
+    data_plan.add_argument("--world-size", type=int, default=1, help="processes of the run")
+    data_plan.add_argument("--rank", type=int, default=None, help="show this rank's part only")
+    data_plan.add_argument("--json", default=None, help="also write the rows as JSON here")
 
     bench = commands.add_parser("bench", help="measure the data stream against the reference loader")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
@@ -87,7 +100,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 0
         from distvae.train import run
 
-        return run(cfg)
+        return run(cfg, args.reset_data)
     if args.command == "synth":
         from distvae.data.synth import make_synthetic_celeba
 
@@ -110,6 +123,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             order=args.order,
             seed=args.seed,
         )
+        return 0
+    if args.command == "data" and args.data_kind == "plan":
+        from distvae.data.show import show_plan
+
+        if args.world_size < 1 or args.epoch < 0:
+            raise UserError("--world-size must be at least 1 and --epoch at least 0")
+        show_plan(config_from_args(args), args.epoch, args.step, args.world_size, args.rank, args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "plan":
         from distvae.bench_plan import bench_plan

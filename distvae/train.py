@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -33,7 +32,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
-from distvae.checkpoint import Checkpointer, load_model_state, load_tensors, load_train_state, write_atomic
+from distvae.checkpoint import (
+    Checkpointer,
+    is_complete,
+    load_model_state,
+    load_tensors,
+    load_train_state,
+    step_dir_name,
+    write_atomic,
+)
 from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
 from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
@@ -55,19 +62,21 @@ from distvae.runtime import (
     check_launch_environment,
     fail,
 )
+from distvae.state import (
+    SCHEDULE,
+    Schedule,
+    TrainState,
+    add_resume_arguments,
+    check_resume,
+    fingerprint,
+    same_dataset,
+)
 from distvae.tracking import RunLog, WindowStats, new_run_id
 
 
 def lr_factor(cfg: Config, step: int) -> float:
     """Linear warm-up to train.lr, then constant or cosine down to lr * min_lr_ratio at max_steps."""
-    warmup = cfg.train.warmup_steps
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.train.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, cfg.train.max_steps - warmup))
-    ratio = cfg.train.min_lr_ratio
-    return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return Schedule(cfg)(step)
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -92,7 +101,7 @@ def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, a
     )
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, reset_data: bool = False) -> int:
     # Processes: without GPUs, run DDP over gloo (cpu=True) so any launcher gives real multi-process training.
     check_launch_environment()
     accelerator = Accelerator(
@@ -117,23 +126,32 @@ def train(cfg: Config) -> int:
     lock, lock_note = hold_run_dir(run_dir, cfg, accelerator)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
                                 rank, accelerator.wait_for_everyone)
-    latest = checkpointer.latest()
-    resumed = load_train_state(latest) if latest else None
+    latest = choose_checkpoint(checkpointer, accelerator)
+    resumed, resume_notes = TrainState.from_json(load_train_state(latest)) if latest else (None, [])
     if resumed:
-        check_same_model(cfg, config_from_dict(resumed["config"]), latest)
+        resume_notes += check_resume(resumed.config, cfg, reset_data)
     log = RunLog(accelerator, run_dir, cfg.train.max_steps, cfg.log.tracker)
     if lock_note:
         log.info(lock_note)
     if accelerator.is_main_process:
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     accelerator.wait_for_everyone()
-    run_id = resumed["tracker_run_id"] if resumed else new_run_id()
+    run_id = resumed.tracker_run_id if resumed and resumed.tracker_run_id else new_run_id()
     log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
 
     # Data: each rank reads its own part; the loader is not passed through accelerator.prepare().
     accum = accumulation_steps(cfg, world)
     stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
     log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
+    dataset = fingerprint(list(stream.spec.shards))
+    if resumed:
+        same, notice = same_dataset(resumed.dataset, dataset)
+        if not same and not reset_data:
+            raise UserError(f"the training shards hold other data than the checkpoint's ({resumed.dataset} vs "
+                            f"{dataset}): point data.train_shards at the same shards, or pass --reset-data to "
+                            f"continue the weights on these from the next epoch")
+        resume_notes += [notice] if notice else []
+        resume_notes += [] if same else ["other training data (--reset-data)"]
     val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
 
     # Model, optimizer, schedule. The same seed on every rank gives the same initial weights.
@@ -145,7 +163,8 @@ def train(cfg: Config) -> int:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    schedule = Schedule(cfg, resumed.schedule if resumed else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))  # a lambda: never saved
     # The schedule follows steps, applied or skipped; torch warns when the first step was a skipped one.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     raw_model = model
@@ -165,10 +184,16 @@ def train(cfg: Config) -> int:
         if accelerator.scaler is not None and (latest / "scaler.pt").exists():
             accelerator.scaler.load_state_dict(load_tensors(latest / "scaler.pt"))
         restore_rng(latest, rank)
-        step, samples_seen = resumed["step"], resumed["samples_seen"]
-        bad_steps_total = resumed["bad_steps"]
-        note = stream.load_state_dict(resumed["stream"])
-        log.info(f"resuming from {latest} at step {step}" + (f"; {note}" if note else ""))
+        step, samples_seen, bad_steps_total = resumed.step, resumed.samples_seen, resumed.bad_steps
+        apply_resumed_config(cfg, config_from_dict(resumed.config), schedule, optimizer, scheduler, step)
+        if reset_data and any("(--reset-data)" in note for note in resume_notes):
+            stream.seek(int(resumed.data.get("epoch", 0)) + 1)
+            resume_notes.append(f"the data starts at epoch {stream.epoch} of the new plan")
+        else:
+            resume_notes.append(stream.load_state_dict(resumed.data))
+        log.info(f"resuming from {latest} at step {step}")
+        for note in filter(None, resume_notes):
+            log.info(f"resume: {note}")
     else:
         log.info(f"starting a new run in {run_dir}: {world} process(es) on {device.type}, global batch "
                  f"{stream.spec.global_batch} ({world} x {cfg.data.batch_size} x {accum} micro-batches), "
@@ -185,11 +210,11 @@ def train(cfg: Config) -> int:
         if not all_finite(state_dict.values()):  # parameters and buffers (BatchNorm statistics) alike
             raise TrainingFailed(f"the weights or BatchNorm statistics are not finite at step {step}; nothing was "
                                  f"saved. Lower train.lr and rerun to resume from the last checkpoint")
-        state = {"samples_seen": samples_seen, "bad_steps": bad_steps_total, "stream": stream.state_dict(),
-                 "world_size": world, "batch_size": cfg.data.batch_size, "tracker_run_id": run_id,
-                 "config": cfg.to_dict()}
+        state = TrainState(step, samples_seen, bad_steps_total, stream.state_dict(), run_id, dataset,
+                           stream.spec.global_batch, schedule.anchor, cfg.to_dict())
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return checkpointer.save(step, state_dict, optimizer.state_dict(), scheduler.state_dict(), state, scaler)
+        return checkpointer.save(step, state_dict, optimizer.state_dict(), scheduler.state_dict(), state.to_json(),
+                                 scaler)
 
     # The loop. One optimizer step = grad_accum_steps micro-batches.
     fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
@@ -368,9 +393,42 @@ def image_grids(model, cfg: Config, val_batch, device) -> dict:
     return grids
 
 
-def check_same_model(cfg: Config, saved: Config, folder: Path) -> None:
-    if saved.model != cfg.model:
-        raise UserError(f"{folder} holds a different model ({saved.model}); use another run.dir or the same model.*")
+def choose_checkpoint(checkpointer: Checkpointer, accelerator: Accelerator) -> Path | None:
+    """Rank 0 picks the latest complete checkpoint and every rank loads that one, or says it cannot see it.
+
+    On a shared filesystem with stale caches, ranks listing the folder each would pick different steps.
+    """
+    step = None
+    if accelerator.is_main_process:
+        latest = checkpointer.latest()
+        step = None if latest is None else int(latest.name.split("-")[1])
+    if accelerator.num_processes > 1:
+        step = broadcast_object_list([step])[0]
+    folder = None if step is None else checkpointer.root / step_dir_name(step)
+    problem = "" if folder is None or is_complete(folder) else \
+        f"rank {accelerator.process_index} cannot see {folder}, the checkpoint rank 0 resumes from"
+    if accelerator.num_processes > 1:
+        problems = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(problems, problem)
+        problem = next((text for text in problems if text), "")
+    if problem:
+        raise UserError(f"{problem}: RUN_DIR must be on a filesystem every node shares")
+    return folder
+
+
+def apply_resumed_config(cfg: Config, saved: Config, schedule: Schedule, optimizer, scheduler, step: int) -> None:
+    """The config of this run wins over what the checkpoint's optimizer and scheduler hold, from the next step.
+
+    LambdaLR would keep the saved base lr; the optimizer, the saved betas and weight decay. A changed
+    schedule is anchored at the factor the run had reached, so the lr continues without a jump.
+    """
+    if any(getattr(saved.train, key.split(".")[1]) != getattr(cfg.train, key.split(".")[1]) for key in SCHEDULE):
+        schedule.anchor = {"step": step, "factor": Schedule(saved, schedule.anchor)(step)}
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.train.lr * schedule(step), betas=(cfg.train.beta1, cfg.train.beta2),
+                     weight_decay=cfg.train.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def restore_rng(folder: Path, rank: int) -> None:
@@ -388,10 +446,10 @@ def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int)
         write_atomic(run_dir / "status", f"{state} {step}\n")
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, reset_data: bool = False) -> int:
     """train() with its failures turned into an exit code and one line on stderr."""
     try:
-        return train(cfg)
+        return train(cfg, reset_data)
     except TrainingFailed as error:
         return fail(str(error))
 
@@ -399,13 +457,14 @@ def run(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distvae/train.py", description="Train a convolutional VAE.")
     add_config_arguments(parser)
+    add_resume_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        return run(cfg)
+        return run(cfg, args.reset_data)
     except UserError as error:
         print(f"distvae train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -67,3 +67,21 @@ def test_bench_pack_reports_both_worker_counts_and_their_ratio(tmp_path, capsys)
     assert "speedup with 2 workers:" in capsys.readouterr().out
     with pytest.raises(UserError, match="--workers at least 2"):
         bench_pack(workers=1)
+
+
+def test_bench_data_reports_batch_diversity_and_random_access(tmp_path, capsys):
+    from distvae.bench_order import batch_diversity
+
+    out = tmp_path / "bench.json"
+    bench_data(resolution=32, seconds=1.0, json_path=str(out), n=300, rounds=2)
+    order = json.loads(out.read_text())["order"]
+    diversity, access = order["diversity"], order["access"]
+    print(diversity, {k: v for k, v in access.items() if k != "per_round"})
+    assert diversity["samples"] == 162_770 and diversity["shards"] == 163
+    assert diversity["planned"] > 0.95 * diversity["ideal"]  # ideal: 52.5 distinct shards of 163 in 64 draws
+    assert diversity["sequential_buffer"] < 10  # control: a 1,000-sample buffer spans the last few shards read
+    assert access["random_access"] > 0 and access["sequential"] > 0 and access["ratio"] > 0
+    printed = capsys.readouterr().out
+    assert "distinct shards per batch with the global plan" in printed and "random access:" in printed
+    smaller = batch_diversity(shuffle_block=2000)  # a block of two shards mixes two shards, not 52
+    assert smaller["planned"] < 3

@@ -294,3 +294,105 @@ def test_conditional_stream_checks_the_attributes_up_front(uneven, tmp_path):
             add_member(tar, f"{sample_id:08d}.json", b'{"src": "x.png"}')
     with pytest.raises(UserError, match="carry no attributes"):
         make_stream(resolve_shards(str(folder / "p-train-000000.tar")), cond_dim=40)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The global plan, through the stream.
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
+def test_every_sample_once_per_epoch_with_real_workers(tmp_path, world_size, num_workers):
+    """Measured on what ShardStream yields, DataLoader worker processes included."""
+    write_shards(tmp_path / "cover", [37, 5, 61, 12, 29])
+    shards = resolve_shards(str(tmp_path / "cover" / "manifest.json"))
+    total, global_batch = 144, world_size * 4
+    seen, counts = [], []
+    for rank in range(world_size):
+        stream = make_stream(shards, rank=rank, world_size=world_size, num_workers=num_workers, shuffle_block=32)
+        batches = take(stream, stream.batches_per_epoch)
+        counts.append(len(batches))
+        assert all(b.epoch == 0 for b in batches)
+        seen += [i for b in batches for i in ids_of(b)]
+    assert len(set(counts)) == 1
+    assert len(seen) == len(set(seen)), "a sample came twice in one epoch"
+    assert total - len(seen) < global_batch and set(seen) <= set(range(total))
+
+
+def test_workers_and_topology_never_change_what_a_global_batch_holds(uneven):
+    """Step t's 16 samples and their flips: 1 x 16, 2 x 8, 4 x 4 and 2 x 4 with two micro-steps, 0 or 3 workers."""
+    layouts = {}
+    for world_size, batch_size, accum, workers in [(1, 16, 1, 0), (2, 8, 1, 3), (4, 4, 1, 0), (2, 4, 2, 3)]:
+        per_step: dict[int, torch.Tensor] = {}
+        for rank in range(world_size):
+            stream = make_stream(uneven, rank=rank, world_size=world_size, batch_size=batch_size, accum=accum,
+                                 num_workers=workers, hflip=True)
+            for index, batch in enumerate(take(stream, 3 * accum)):
+                rows = per_step.setdefault(index // accum, torch.zeros(16, RES, RES, 3, dtype=torch.uint8))
+                rows[batch.positions - index // accum * 16] = batch.images
+        layouts[world_size, batch_size, accum, workers] = per_step
+    reference = layouts[1, 16, 1, 0]
+    for topology, per_step in layouts.items():
+        for step in range(3):
+            assert torch.equal(per_step[step], reference[step]), (topology, step)
+
+
+def test_a_resume_at_another_topology_with_the_same_global_batch_continues_exactly(uneven):
+    whole = [ids_of(b) for b in take(make_stream(uneven, batch_size=8), 12)]  # 1 x 8: 18 steps per epoch
+    ranks = [make_stream(uneven, batch_size=4, world_size=2, rank=rank) for rank in range(2)]
+    state = json.loads(json.dumps(make_stream(uneven, batch_size=8).state_dict()))
+    first = make_stream(uneven, batch_size=8)
+    take(first, 5)
+    state = first.state_dict()
+    assert state["sample_in_epoch"] == 40 and state["global_batch"] == 8
+    for stream in ranks:
+        assert stream.load_state_dict(state) == ""  # exact: no note
+    rest = [a + b for a, b in zip(*(map(ids_of, take(stream, 7)) for stream in ranks))]
+    assert rest == whole[5:12]
+    # Another global batch continues at the same sample and says so.
+    other = make_stream(uneven, batch_size=16)
+    note = other.load_state_dict(state)
+    assert "global batch changed from 8 to 16" in note and "sample 40 of epoch 0" in note
+    assert torch.equal(take(other, 1)[0].positions, torch.arange(40, 56))
+
+
+def test_data_plan_prints_what_the_stream_yields(uneven, tmp_path):
+    from distvae.config import load_config
+    from distvae.data.show import plan_rows
+
+    manifest = uneven[0].url.rsplit("/", 1)[0] + "/manifest.json"
+    cfg = load_config("tiny", [f"data.train_shards={manifest}", "data.batch_size=4", "run.seed=3"])
+    header, rows = plan_rows(cfg, epoch=1, step=5, world_size=2, rank=1)
+    assert header.startswith("epoch 1, step 5 of 18: global batch 8 = 2 ranks x 4")
+    stream = make_stream(uneven, batch_size=4, world_size=2, rank=1, seed=3, shuffle_buffer=0)
+    stream.seek(1, 5)
+    batch = take(stream, 1)[0]
+    assert [row["position"] for row in rows] == batch.positions.tolist()
+    assert [int(row["key"]) for row in rows] == ids_of(batch)  # the key spells the sample id
+
+
+def test_classes_in_source_order_are_mixed_by_the_stream(tmp_path):
+    """10 classes of 300 images packed with --order source into shards of 100, shuffle block 2,048 < 3,000."""
+    from distvae.data.pack import pack
+
+    src = tmp_path / "classes"
+    for label in range(10):
+        (src / f"class{label}").mkdir(parents=True)
+        for index in range(300):
+            Image.new("RGB", (8, 8), (20 * label, 0, 0)).save(src / f"class{label}" / f"{index:03d}.png")
+    pack(src, tmp_path / "shards", resolution=8, shard_size=100, val_fraction=0, test_fraction=0, order="source",
+         progress=False)
+    shards = resolve_shards(str(tmp_path / "shards" / "manifest.json"))
+
+    def classes_per_batch(**options) -> float:
+        stream = ShardStream(shards, batch_size=64, resolution=8, seed=SEED, **options)
+        found = [len(set((b.images[:, 0, 0, 0].int() // 20).tolist())) for b in take(stream, stream.batches_per_epoch)]
+        return sum(found) / len(found)
+
+    mixed = classes_per_batch(shuffle_block=2048)
+    control = classes_per_batch(shuffle_block=100)  # a window of one shard cannot mix classes
+    print(f"seed {SEED}: classes per batch of 64 with shuffle block 2048: {mixed:.2f}; block 100: {control:.2f}")
+    assert mixed >= 8 and control <= 2.5
+
+
+SEED = 20261203

@@ -72,7 +72,11 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints each process's threads, then it dies
+        for target in [*descendants(process.pid)[::-1], process.pid]:  # trainers sit in sessions of their own
+            try:
+                os.kill(target, signal.SIGABRT)  # faulthandler prints each process's threads, then it dies
+            except ProcessLookupError:
+                pass
         try:
             stdout, stderr = process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -99,11 +103,41 @@ def kill_when(run_dir: Path, cmd: list[str], ready, delay: float, **env: str) ->
             time.sleep(0.02)
         time.sleep(delay)
     finally:
+        kill_tree(process.pid)
+        process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher, its workers and their data workers
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(child) for child in children]
+        queue += [int(child) for child in children]
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at one moment, as a node failure would.
+
+    torch's elastic agent starts each trainer in a session of its own, so killing the launcher's process
+    group alone leaves the trainers running (they then save on their own, which is not a crash). Every
+    process is stopped first, so none can react to another's death, then all are killed.
+    """
+    tree = [pid, *descendants(pid)]
+    for target in tree:
+        try:
+            os.kill(target, signal.SIGSTOP)
         except ProcessLookupError:
             pass
-        process.wait()
+    for target in {*tree, *descendants(pid)}:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Runs distvae/train.py with test instruments switched on by environment variables (tests only).
 
-    PROBE_DIR=...            each rank writes data-rank{r}.txt (a hash per batch),
+    PROBE_DIR=...            each rank writes data-rank{r}.txt (a hash per batch), rows-rank{r}.txt
+                             ("BATCH EPOCH POSITION HASH" of every image row it trains on), noise-rank{r}.txt
+                             ("EPOCH POSITION HASH" of every noise row), lr-rank{r}.txt (the lr of each
+                             optimizer step, repr),
                              params-rank{r}-step{s}.txt (a hash of its weights at every checkpoint),
                              state-rank{r}.txt ("CALL HASH" of all weights and buffers at the start of every
                              training forward) and conv-dtype-rank{r}.txt (the first conv's output dtype)
@@ -11,6 +14,7 @@
     PROBE_KILL_IN_SAVE=STEP  SIGKILL this process while it writes checkpoint STEP, before its marker
     PROBE_STOP_AT=CALL       this process sends itself SIGUSR1 during training forward CALL
     PROBE_HANG_AT=RANK:CALL:SECONDS  that rank sleeps SECONDS in training forward CALL (a stuck rank)
+    PROBE_SWAP=P1:P2         in epoch 0 the samples at global positions P1 and P2 trade places (a control)
 """
 
 import hashlib
@@ -19,9 +23,11 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 
 import distvae.checkpoint as checkpoint
+import distvae.data.plan as plan_module
 import distvae.model as model_module
 import distvae.train as train
 from distvae.data.stream import ShardStream
@@ -41,11 +47,15 @@ if probe_dir:
     original_iter = ShardStream.__iter__
 
     def recording_iter(self):
-        with open(os.path.join(probe_dir, f"data-rank{rank}.txt"), "a") as out:
-            for batch in original_iter(self):
+        with open(os.path.join(probe_dir, f"data-rank{rank}.txt"), "a") as out, \
+                open(os.path.join(probe_dir, f"rows-rank{rank}.txt"), "a") as rows:
+            for index, batch in enumerate(original_iter(self)):
                 if self.spec.train:
                     out.write(tensor_hash([batch.images]) + "\n")
                     out.flush()
+                    for position, image in zip(batch.positions.tolist(), batch.images):
+                        rows.write(f"{index} {batch.epoch} {position} {tensor_hash([image])[:16]}\n")
+                    rows.flush()
                 yield batch
 
     ShardStream.__iter__ = recording_iter
@@ -57,6 +67,37 @@ if probe_dir:
         return original_save(self, step, model_state, *args, **kwargs)
 
     checkpoint.Checkpointer.save = recording_save
+    original_noise = train.sample_noise
+
+    def recording_noise(seed, epoch, positions, dim, device):
+        eps = original_noise(seed, epoch, positions, dim, device)
+        with open(os.path.join(probe_dir, f"noise-rank{rank}.txt"), "a") as out:
+            for position, row in zip(positions.tolist(), eps):
+                out.write(f"{epoch} {position} {tensor_hash([row])[:16]}\n")
+        return eps
+
+    train.sample_noise = recording_noise
+    original_adamw_step = torch.optim.AdamW.step
+
+    def recording_adamw_step(self, *args, **kwargs):
+        with open(os.path.join(probe_dir, f"lr-rank{rank}.txt"), "a") as out:
+            out.write(f"{self.param_groups[0]['lr']!r}\n")
+        return original_adamw_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = recording_adamw_step
+
+if os.environ.get("PROBE_SWAP"):
+    swap = [int(part) for part in os.environ["PROBE_SWAP"].split(":")]
+    original_samples = plan_module.GlobalPlan.samples
+
+    def swapped_samples(self, epoch, positions):
+        positions = np.asarray(positions, dtype=np.int64).copy()
+        if epoch == 0:
+            first, second = positions == swap[0], positions == swap[1]
+            positions[first], positions[second] = swap[1], swap[0]
+        return original_samples(self, epoch, positions)
+
+    plan_module.GlobalPlan.samples = swapped_samples
 
 forward_calls = {"count": 0}
 original_init = model_module.ConvVAE.__init__
@@ -66,7 +107,9 @@ def instrumented_init(self, *args, **kwargs):
     """Hooks on the first conv and the first BatchNorm of every model the trainer builds."""
     original_init(self, *args, **kwargs)
     first_conv = next(m for m in self.modules() if isinstance(m, torch.nn.Conv2d))
-    first_norm = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # The first BatchNorm (where an overflow meets running statistics), else the first norm or conv.
+    first_norm = next((m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d)), None) or \
+        next(m for m in self.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.Conv2d)))
     model = self
 
     def before_norm(module, inputs):
