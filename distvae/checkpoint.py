@@ -3,6 +3,7 @@
 Layout of `RUN_DIR/checkpoints/step-00001000/`:
 
     model.safetensors     the unwrapped model's state_dict, buffers included (BatchNorm statistics)
+    ema.safetensors       the EMA of the weights (same keys), only with train.ema_decay > 0
     optimizer.pt          optimizer state (tensors and numbers: torch.load(weights_only=True))
     scheduler.pt          LR scheduler state (numbers)
     scaler.pt             fp16 GradScaler state, only with train.mixed_precision=fp16
@@ -125,6 +126,7 @@ class Checkpointer:
         scheduler_state: dict,
         train_state: dict,
         scaler_state: dict | None = None,
+        ema_state: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write a checkpoint for `step` from every rank; returns its final folder."""
         final = self.root / step_dir_name(step)
@@ -146,6 +148,9 @@ class Checkpointer:
             torch.save(scheduler_state, temporary / "scheduler.pt")
             if scaler_state is not None:
                 torch.save(scaler_state, temporary / "scaler.pt")
+            if ema_state is not None:
+                save_file({name: tensor.detach().contiguous().cpu() for name, tensor in ema_state.items()},
+                          temporary / "ema.safetensors")
             _write_json(temporary / "train_state.json", {**train_state, "step": step})
         self.barrier()
         if self.rank == 0:
@@ -168,6 +173,11 @@ def load_train_state(folder: Path) -> dict:
 
 def load_model_state(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
+
+
+def load_ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    path = folder / "ema.safetensors"
+    return load_file(path) if path.exists() else None
 
 
 def load_tensors(path: Path) -> dict:

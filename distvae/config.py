@@ -157,9 +157,15 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0  # a rank waiting this long (seconds) in a collective fails instead of hanging
     val_every_steps: int = 500  # validation interval in steps; 0 = only at the end
     val_batches: int = 0  # cap on validation batches per rank; 0 = the whole split
+    # EMA of the weights (0 = off), updated after each applied step; validation, samples and export use it.
+    ema_decay: float = 0.0
+    ema_warmup: bool = True  # the n-th update uses min(ema_decay, n / (n + 9)): early weights fade out fast
+    ema_every_steps: int = 1  # update the EMA every this many optimizer steps (large models)
 
     def __post_init__(self) -> None:
         _at_least("train.max_steps", self.max_steps, 1)
+        _between("train.ema_decay", self.ema_decay, 0.0, 0.999999)
+        _at_least("train.ema_every_steps", self.ema_every_steps, 1)
         _at_least("train.lr", self.lr, 0.0)
         _between("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _between("train.beta1", self.beta1, 0.0, 1.0)

@@ -22,7 +22,9 @@ from distvae.model import ConvVAE
 
 
 @torch.no_grad()
-def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step: int) -> dict[str, float]:
+def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step: int,
+             prefix: str = "val") -> dict[str, float]:
+    """The metrics above under `prefix` ("val" for the live weights, "val_ema" for the EMA)."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -53,7 +55,7 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
                "val/psnr": totals[4] / images_seen, "val/images": totals[5]}
     if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:
         del metrics["val/neg_elbo"]
-    return metrics
+    return {key.replace("val/", f"{prefix}/", 1): value for key, value in metrics.items()}
 
 
 def to_uint8_grid(images: torch.Tensor, rows: int) -> np.ndarray:

@@ -43,6 +43,7 @@ SAFE = {
     "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
     "train.mixed_precision", "train.compile", "train.channels_last", "train.sync_bn", "train.max_bad_steps",
     "train.collective_timeout_s", "train.val_every_steps", "train.val_batches",
+    "train.ema_decay", "train.ema_warmup", "train.ema_every_steps",  # the average goes on with the new setting
     "checkpoint.every_steps", "checkpoint.keep_last",
     "log.tracker", "log.project", "log.every_steps", "log.image_every_steps",
 }
@@ -111,6 +112,7 @@ class TrainState:
     global_batch: int = 0
     schedule: dict | None = None  # Schedule.anchor: {"step", "factor"} after a schedule change on resume
     config: dict = field(default_factory=dict)
+    ema_updates: int = 0  # EMA updates done (its warm-up counter); the EMA itself is ema.safetensors
     format: int = FORMAT
 
     def to_json(self) -> dict:

@@ -40,11 +40,12 @@ def summary_line(values: dict[str, float]) -> str:
                 f"  {values['train/images_per_second']:,.0f} img/s  data wait {values['train/data_wait_fraction']:.0%}"
                 f"  epoch {values['train/epoch']:.0f}" + (f"  skipped steps {values['train/skipped_steps']:.0f}"
                                                           if values["train/skipped_steps"] else ""))
-    if "val/loss" in values:
-        neg_elbo = f"  -elbo {values['val/neg_elbo']:.5g} nats" if "val/neg_elbo" in values else ""
-        return (f"validation: loss {values['val/loss']:.4g}{neg_elbo}  kl {values['val/kl']:.4g}  "
-                f"recon mse {values['val/recon_mse']:.4g}  psnr {values['val/psnr']:.2f} dB  "
-                f"({values['val/images']:.0f} images)")
+    for prefix, weights in (("val", ""), ("val_ema", ", EMA weights")):
+        if f"{prefix}/loss" in values:
+            v = {key.split("/", 1)[1]: value for key, value in values.items() if key.startswith(f"{prefix}/")}
+            neg_elbo = f"  -elbo {v['neg_elbo']:.5g} nats" if "neg_elbo" in v else ""
+            return (f"validation{weights}: loss {v['loss']:.4g}{neg_elbo}  kl {v['kl']:.4g}  "
+                    f"recon mse {v['recon_mse']:.4g}  psnr {v['psnr']:.2f} dB  ({v['images']:.0f} images)")
     return "  ".join(f"{key} {value:.4g}" for key, value in values.items())
 
 
@@ -93,7 +94,7 @@ class RunLog:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.progress is None or "val/loss" in values:
+        if self.progress is None or "val/loss" in values or "val_ema/loss" in values:
             self.info(f"step {step}/{self.max_steps}  {summary_line(values)}")
         if self.tracker != "none":
             self.accelerator.log(values, step=step)

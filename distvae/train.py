@@ -35,6 +35,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from distvae.checkpoint import (
     Checkpointer,
     is_complete,
+    load_ema_state,
     load_model_state,
     load_tensors,
     load_train_state,
@@ -45,6 +46,7 @@ from distvae.config import Config, add_config_arguments, config_from_args, confi
 from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
 from distvae.data.stream import ShardStream, describe_crop
+from distvae.ema import build_ema
 from distvae.errors import UserError
 from distvae.evaluate import reconstruction_pairs, sample_grid, validate
 from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
@@ -174,6 +176,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
         raw_model.__dict__.pop(name, None)
     if cfg.train.compile:
         model = torch.compile(model)
+    ema = build_ema(cfg.train, raw_model)  # fp32, on the device, every rank the same
 
     # Resume: weights, optimizer, schedule, RNG, data position, counters.
     step, samples_seen, bad_steps_total = 0, 0, 0
@@ -184,6 +187,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
         if accelerator.scaler is not None and (latest / "scaler.pt").exists():
             accelerator.scaler.load_state_dict(load_tensors(latest / "scaler.pt"))
         restore_rng(latest, rank)
+        resume_notes.append(restore_ema(ema, latest, resumed.ema_updates))
         step, samples_seen, bad_steps_total = resumed.step, resumed.samples_seen, resumed.bad_steps
         apply_resumed_config(cfg, config_from_dict(resumed.config), schedule, optimizer, scheduler, step)
         if reset_data and any("(--reset-data)" in note for note in resume_notes):
@@ -207,14 +211,18 @@ def train(cfg: Config, reset_data: bool = False) -> int:
     def save() -> Path:
         broadcast_buffers(raw_model, world)
         state_dict = raw_model.state_dict()
-        if not all_finite(state_dict.values()):  # parameters and buffers (BatchNorm statistics) alike
+        if ema is not None:
+            ema.copy_buffers(raw_model)  # rank 0's statistics, as in model.safetensors
+        ema_state = ema.state_dict() if ema is not None else None
+        if not all_finite([*state_dict.values(), *(ema_state or {}).values()]):  # parameters, buffers, the EMA
             raise TrainingFailed(f"the weights or BatchNorm statistics are not finite at step {step}; nothing was "
                                  f"saved. Lower train.lr and rerun to resume from the last checkpoint")
         state = TrainState(step, samples_seen, bad_steps_total, stream.state_dict(), run_id, dataset,
-                           stream.spec.global_batch, schedule.anchor, cfg.to_dict())
+                           stream.spec.global_batch, schedule.anchor, cfg.to_dict(),
+                           ema_updates=ema.updates if ema is not None else 0)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         return checkpointer.save(step, state_dict, optimizer.state_dict(), scheduler.state_dict(), state.to_json(),
-                                 scaler)
+                                 scaler, ema_state)
 
     # The loop. One optimizer step = grad_accum_steps micro-batches.
     fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
@@ -283,6 +291,8 @@ def train(cfg: Config, reset_data: bool = False) -> int:
                                                f"without saving")
             scheduler.step()
             step += 1
+            if ema is not None and verdict.apply and ema.due(step):
+                ema.update(raw_model)  # a skipped step leaves the average as it was
             step_images = accum * cfg.data.batch_size  # per rank: every batch is full
             samples_seen += step_images * world
             window.step(grad_norm, time.perf_counter() - started, verdict, step_images, step_bad_samples)
@@ -303,9 +313,14 @@ def train(cfg: Config, reset_data: bool = False) -> int:
                                            or last):
                 broadcast_buffers(raw_model, world)
                 log.scalars(step, validate(raw_model, val_stream, cfg, accelerator, step))
+                if ema is not None:
+                    ema.copy_buffers(raw_model)
+                    log.scalars(step, validate(ema.model, val_stream, cfg, accelerator, step, prefix="val_ema"))
             if accelerator.is_main_process and cfg.log.image_every_steps and (
                     step % cfg.log.image_every_steps == 0 or last):
-                log.images(step, image_grids(raw_model, cfg, fixed_val_batch, device))
+                # Grids come from the EMA when there is one; their names say which weights drew them.
+                log.images(step, image_grids(raw_model if ema is None else ema.model, cfg, fixed_val_batch, device,
+                                             suffix="" if ema is None else "_ema"))
             if checkpointer.due(step) or last or any_stop or data_failed:
                 path = save()
                 log.info(f"saved {path}")
@@ -385,12 +400,23 @@ def broadcast_buffers(model: torch.nn.Module, world: int) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
-def image_grids(model, cfg: Config, val_batch, device) -> dict:
-    grids = {"samples": sample_grid(model, cfg.run.seed, count=64)}
+def image_grids(model, cfg: Config, val_batch, device, suffix: str = "") -> dict:
+    grids = {f"samples{suffix}": sample_grid(model, cfg.run.seed, count=64)}
     if val_batch is not None:
         images, cond = val_batch.to(device, cfg.train.channels_last)
-        grids["reconstructions"] = reconstruction_pairs(model, images[:8], None if cond is None else cond[:8])
+        grids[f"reconstructions{suffix}"] = reconstruction_pairs(model, images[:8], None if cond is None else cond[:8])
     return grids
+
+
+def restore_ema(ema, folder: Path, updates: int) -> str:
+    """Load the checkpoint's EMA; "" when it did, else one line on what the EMA starts from."""
+    saved = load_ema_state(folder)
+    if ema is None:
+        return "" if saved is None else "train.ema_decay=0: the checkpoint's EMA is not used and no EMA is kept"
+    if saved is None:
+        return f"{folder.name} holds no EMA: the EMA starts from the current weights"
+    ema.load_state_dict(saved, updates)
+    return ""
 
 
 def choose_checkpoint(checkpointer: Checkpointer, accelerator: Accelerator) -> Path | None:
