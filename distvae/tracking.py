@@ -167,6 +167,12 @@ class WindowStats:
         self.last_images_per_second = images / max(seconds, 1e-9)
         self.step_sums.zero_()
 
+    def add_step(self, out, seconds: float) -> None:
+        """A whole step at once, from train_step's StepOutput."""
+        self.step_sums.copy_(out.sums)
+        self.data_seconds += out.data_seconds
+        self.step(out.grad_norm, seconds, out.verdict, out.images, out.bad_samples)
+
     def reduce(self, accelerator) -> dict[str, float]:
         sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
         timing = accelerator.reduce(torch.tensor([self.seconds, self.data_seconds], device=self.device), "mean")

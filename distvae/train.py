@@ -20,11 +20,11 @@ buffers and the saved model is rank-independent. train.sync_bn=true uses SyncBat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,27 +32,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
-from distvae.checkpoint import (
-    Checkpointer,
-    is_complete,
-    load_ema_state,
-    load_model_state,
-    load_tensors,
-    load_train_state,
-    step_dir_name,
-    write_atomic,
-)
-from distvae.config import Config, add_config_arguments, config_from_args, config_from_dict
+from distvae.checkpoint import Checkpointer, load_train_state, write_atomic
+from distvae.config import Config, add_config_arguments, config_from_args
 from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
 from distvae.data.stream import ShardStream, describe_crop
-from distvae.ema import build_ema
+from distvae.ema import EMA, build_ema
 from distvae.errors import UserError
 from distvae.evaluate import reconstruction_pairs, sample_grid, validate
-from distvae.guards import BufferSnapshot, DataHealth, StepVerdict, all_finite
-from distvae.loss import elbo
+from distvae.guards import BufferSnapshot, DataHealth, all_finite
 from distvae.model import build_model
-from distvae.noise import sample_noise
+from distvae.resume import check_dataset, choose_checkpoint, restore
 from distvae.runlock import LockLost, RunLock
 from distvae.runtime import (
     EXIT_FINISHED,
@@ -64,15 +54,8 @@ from distvae.runtime import (
     check_launch_environment,
     fail,
 )
-from distvae.state import (
-    SCHEDULE,
-    Schedule,
-    TrainState,
-    add_resume_arguments,
-    check_resume,
-    fingerprint,
-    same_dataset,
-)
+from distvae.state import Schedule, TrainState, add_resume_arguments, check_resume, fingerprint
+from distvae.step import StepOutput, train_step
 from distvae.tracking import RunLog, WindowStats, new_run_id
 
 
@@ -103,8 +86,8 @@ def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, a
     )
 
 
-def train(cfg: Config, reset_data: bool = False) -> int:
-    # Processes: without GPUs, run DDP over gloo (cpu=True) so any launcher gives real multi-process training.
+def start_processes(cfg: Config) -> Accelerator:
+    """Without GPUs, DDP over gloo (cpu=True), so any launcher gives real multi-process training."""
     check_launch_environment()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -119,45 +102,24 @@ def train(cfg: Config, reset_data: bool = False) -> int:
     if cfg.train.mixed_precision == "fp16" and accelerator.scaler is None:
         raise UserError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate applies neither autocast nor a "
                         "GradScaler, so it would train in fp32 without saying so; use bf16 or no")
-    stop = StopFlag()
-    stop.install()
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    return accelerator
 
-    # Run directory (held by one run at a time), checkpoints, logs.
-    run_dir = Path(cfg.run.dir)
-    lock, lock_note = hold_run_dir(run_dir, cfg, accelerator)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
-                                rank, accelerator.wait_for_everyone)
-    latest = choose_checkpoint(checkpointer, accelerator)
-    resumed, resume_notes = TrainState.from_json(load_train_state(latest)) if latest else (None, [])
-    if resumed:
-        resume_notes += check_resume(resumed.config, cfg, reset_data)
-    log = RunLog(accelerator, run_dir, cfg.train.max_steps, cfg.log.tracker)
-    if lock_note:
-        log.info(lock_note)
-    if accelerator.is_main_process:
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    accelerator.wait_for_everyone()
-    run_id = resumed.tracker_run_id if resumed and resumed.tracker_run_id else new_run_id()
-    log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
 
-    # Data: each rank reads its own part; the loader is not passed through accelerator.prepare().
-    accum = accumulation_steps(cfg, world)
-    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
-    log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
-    dataset = fingerprint(list(stream.spec.shards))
-    if resumed:
-        same, notice = same_dataset(resumed.dataset, dataset)
-        if not same and not reset_data:
-            raise UserError(f"the training shards hold other data than the checkpoint's ({resumed.dataset} vs "
-                            f"{dataset}): point data.train_shards at the same shards, or pass --reset-data to "
-                            f"continue the weights on these from the next epoch")
-        resume_notes += [notice] if notice else []
-        resume_notes += [] if same else ["other training data (--reset-data)"]
-    val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
+@dataclass
+class Parts:
+    """What a step trains: the (wrapped) model, its unwrapped module, optimizer, schedule, EMA."""
 
-    # Model, optimizer, schedule. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(cfg.run.seed)
+    model: torch.nn.Module  # DDP-wrapped (and compiled) for the step
+    raw_model: torch.nn.Module  # the module itself: saved, validated, EMA'd
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
+    ema: EMA | None
+    scaler: object | None  # fp16 GradScaler
+
+
+def build_parts(cfg: Config, accelerator: Accelerator, anchor: dict | None) -> Parts:
+    torch.manual_seed(cfg.run.seed)  # the same seed on every rank gives the same initial weights
     model = build_model(cfg.model)
     if cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -165,7 +127,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay)
-    schedule = Schedule(cfg, resumed.schedule if resumed else None)
+    schedule = Schedule(cfg, anchor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))  # a lambda: never saved
     # The schedule follows steps, applied or skipped; torch warns when the first step was a skipped one.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -177,182 +139,213 @@ def train(cfg: Config, reset_data: bool = False) -> int:
     if cfg.train.compile:
         model = torch.compile(model)
     ema = build_ema(cfg.train, raw_model)  # fp32, on the device, every rank the same
+    return Parts(model, raw_model, optimizer, scheduler, schedule, ema, accelerator.scaler)
 
-    # Resume: weights, optimizer, schedule, RNG, data position, counters.
-    step, samples_seen, bad_steps_total = 0, 0, 0
+
+def train(cfg: Config, reset_data: bool = False) -> int:
+    accelerator = start_processes(cfg)
+    stop = StopFlag()
+    stop.install()
+    world = accelerator.num_processes
+
+    # Run directory (held by one run at a time), the checkpoint to resume from, logs and trackers.
+    run_dir = Path(cfg.run.dir)
+    lock, lock_note = hold_run_dir(run_dir, cfg, accelerator)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
+                                accelerator.process_index, accelerator.wait_for_everyone)
+    latest = choose_checkpoint(checkpointer, accelerator)
+    resumed, notes = TrainState.from_json(load_train_state(latest)) if latest else (None, [])
     if resumed:
-        raw_model.load_state_dict(load_model_state(latest))
-        optimizer.load_state_dict(load_tensors(latest / "optimizer.pt"))
-        scheduler.load_state_dict(load_tensors(latest / "scheduler.pt"))
-        if accelerator.scaler is not None and (latest / "scaler.pt").exists():
-            accelerator.scaler.load_state_dict(load_tensors(latest / "scaler.pt"))
-        restore_rng(latest, rank)
-        resume_notes.append(restore_ema(ema, latest, resumed.ema_updates))
-        step, samples_seen, bad_steps_total = resumed.step, resumed.samples_seen, resumed.bad_steps
-        apply_resumed_config(cfg, config_from_dict(resumed.config), schedule, optimizer, scheduler, step)
-        if reset_data and any("(--reset-data)" in note for note in resume_notes):
-            stream.seek(int(resumed.data.get("epoch", 0)) + 1)
-            resume_notes.append(f"the data starts at epoch {stream.epoch} of the new plan")
-        else:
-            resume_notes.append(stream.load_state_dict(resumed.data))
-        log.info(f"resuming from {latest} at step {step}")
-        for note in filter(None, resume_notes):
+        notes += check_resume(resumed.config, cfg, reset_data)
+    log = RunLog(accelerator, run_dir, cfg.train.max_steps, cfg.log.tracker)
+    if lock_note:
+        log.info(lock_note)
+    if accelerator.is_main_process:
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    accelerator.wait_for_everyone()
+    run_id = resumed.tracker_run_id if resumed and resumed.tracker_run_id else new_run_id()
+    log.start_tracker(cfg.log.project, cfg.run.name or run_dir.name, run_id, cfg.to_dict())
+
+    # Data: each rank reads its own part of the global plan; the loader is not passed through prepare().
+    accum = accumulation_steps(cfg, world)
+    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
+    log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
+    state = TrainState(tracker_run_id=run_id, dataset=fingerprint(list(stream.spec.shards)),
+                       global_batch=stream.spec.global_batch, config=cfg.to_dict())
+    if resumed:
+        notes += check_dataset(resumed.dataset, state.dataset, reset_data)
+    val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
+
+    # Model, optimizer, schedule, EMA; then what the checkpoint holds of them.
+    parts = build_parts(cfg, accelerator, resumed.schedule if resumed else None)
+    if resumed:
+        notes += restore(latest, resumed, parts, stream, cfg, accelerator.process_index, reset_data, notes)
+        state.step, state.samples_seen, state.bad_steps = resumed.step, resumed.samples_seen, resumed.bad_steps
+        log.info(f"resuming from {latest} at step {state.step}")
+        for note in filter(None, notes):
             log.info(f"resume: {note}")
     else:
-        log.info(f"starting a new run in {run_dir}: {world} process(es) on {device.type}, global batch "
+        log.info(f"starting a new run in {run_dir}: {world} process(es) on {accelerator.device.type}, global batch "
                  f"{stream.spec.global_batch} ({world} x {cfg.data.batch_size} x {accum} micro-batches), "
                  f"{stream.batches_per_epoch // accum} steps per epoch")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.train.mixed_precision)
     if launcher_precision != cfg.train.mixed_precision:
         log.info(f"the launcher asks for mixed precision {launcher_precision}; the config's "
                  f"train.mixed_precision={cfg.train.mixed_precision} wins (override it to change)")
-    write_status(run_dir, accelerator, "running", step)
+    write_status(run_dir, accelerator, "running", state.step)
 
-    def save() -> Path:
-        broadcast_buffers(raw_model, world)
-        state_dict = raw_model.state_dict()
-        if ema is not None:
-            ema.copy_buffers(raw_model)  # rank 0's statistics, as in model.safetensors
-        ema_state = ema.state_dict() if ema is not None else None
-        if not all_finite([*state_dict.values(), *(ema_state or {}).values()]):  # parameters, buffers, the EMA
-            raise TrainingFailed(f"the weights or BatchNorm statistics are not finite at step {step}; nothing was "
-                                 f"saved. Lower train.lr and rerun to resume from the last checkpoint")
-        state = TrainState(step, samples_seen, bad_steps_total, stream.state_dict(), run_id, dataset,
-                           stream.spec.global_batch, schedule.anchor, cfg.to_dict(),
-                           ema_updates=ema.updates if ema is not None else 0)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return checkpointer.save(step, state_dict, optimizer.state_dict(), scheduler.state_dict(), state.to_json(),
-                                 scaler, ema_state)
-
-    # The loop. One optimizer step = grad_accum_steps micro-batches.
-    fixed_val_batch = next(iter(val_stream), None) if val_stream is not None and accelerator.is_main_process else None
-    batches = iter(stream)
-    consecutive_bad, window = 0, WindowStats(device)
-    health = DataHealth(cfg.data.max_bad_fraction, cfg.data.bad_window)
-    buffers = BufferSnapshot(raw_model)
-    lock_problem = ""  # rank 0: set when another process has taken RUN_DIR/lock over
-    log.start_progress(step)
-    model.train()
+    # The loop: one train_step, then its bookkeeping and the end-of-step work, until an exit code.
+    ending = EndOfStep(cfg, accelerator, log, checkpointer, state, parts, stream, val_stream, stop, lock, run_dir)
+    batches, buffers = iter(stream), BufferSnapshot(parts.raw_model)
+    log.start_progress(state.step)
+    parts.model.train()
     try:
-        while step < cfg.train.max_steps:
+        code = None if state.step < cfg.train.max_steps else ending.finish()
+        while code is None:
             started = time.perf_counter()
-            buffers.take()  # BatchNorm statistics before this step's forwards: a skipped step puts them back
-            bad_samples, unreadable = 0, False
-            for micro_step in range(accum):
-                waited = time.perf_counter()
-                batch = next(batches)
-                window.data_seconds += time.perf_counter() - waited
-                images, cond = batch.to(device, cfg.train.channels_last)
-                # Keyed by each sample's place in the epoch: the same noise for any topology and worker count.
-                eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_dim, device)
-                sync = micro_step == accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    with accelerator.autocast():  # the only autocast of the step: the loss leaves it for fp32
-                        recon, mean, logvar = model(images, cond, eps)
-                    terms = elbo(recon, images, mean, logvar, cfg.loss, step)
-                    accelerator.backward(terms.total / accum)
-                window.add(terms, images.shape[0])
-                bad_samples, unreadable = bad_samples + batch.bad, unreadable or not batch.readable
-                health.note_shards(batch.bad_shards)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-
-            # One collective per step, built on the device: the only wait for it is the .tolist() below.
-            flags = torch.stack([
-                (~window.step_loss_finite()).float(), (~torch.isfinite(grad_norm)).float(),
-                torch.tensor(float(unreadable), device=device), torch.tensor(float(stop.requested), device=device),
-                torch.tensor(float(bool(lock_problem)), device=device),
-                torch.tensor(float(bad_samples), device=device),
-            ])
-            loss_bad, grad_bad, no_data, any_stop, lock_lost, step_bad_samples = \
-                accelerator.reduce(flags, reduction="sum").tolist()
-            verdict = StepVerdict.decide(loss_bad, grad_bad, no_data, accelerator.scaler is not None)
-            if verdict.apply:
-                optimizer.step()
-            else:
-                buffers.restore()
-                if accelerator.scaler is not None:
-                    # clip_grad_norm_ has unscaled the gradients: update() lowers the scale after an overflow and
-                    # lets the next step unscale again (without it, that unscale_ raises).
-                    accelerator.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if verdict.non_finite:
-                consecutive_bad, bad_steps_total = consecutive_bad + 1, bad_steps_total + 1
-                log.info(f"step {step + 1}: non-finite loss or gradient on some rank; update skipped on all ranks")
-                if consecutive_bad >= cfg.train.max_bad_steps:
-                    raise TrainingFailed(f"{consecutive_bad} consecutive non-finite steps (train.max_bad_steps); lower "
-                                         f"train.lr or set train.grad_clip, then rerun to resume from the last "
-                                         f"checkpoint")
-            elif verdict.apply:
-                consecutive_bad = 0
-            if verdict.no_data:
-                log.info(f"step {step + 1}: a batch with no readable sample on some rank; update skipped on all ranks")
-            if lock_lost:
-                raise LockLost(lock_problem or f"rank 0 lost {run_dir / 'lock'} to another process; stopping "
-                                               f"without saving")
-            scheduler.step()
-            step += 1
-            if ema is not None and verdict.apply and ema.due(step):
-                ema.update(raw_model)  # a skipped step leaves the average as it was
-            step_images = accum * cfg.data.batch_size  # per rank: every batch is full
-            samples_seen += step_images * world
-            window.step(grad_norm, time.perf_counter() - started, verdict, step_images, step_bad_samples)
-            log.step(step, terms, window.last_images_per_second * world)
-            data_failed = health.add(int(step_bad_samples), step_images * world)
-
-            # End of step, in this order: log, validate, images, save; then stop, fail or finish.
-            # A step due for validation validates even when a stop signal came, and a stop at the
-            # last step is a finished run.
-            last = step == cfg.train.max_steps
-            if step % cfg.log.every_steps == 0 or last:
-                scalars = window.reduce(accelerator)
-                scalars.update({"train/lr": scheduler.get_last_lr()[0], "train/kl_weight": terms.kl_weight,
-                                "train/samples_seen": samples_seen, "train/epoch": stream.epoch,
-                                "train/bad_steps_total": bad_steps_total})
-                log.scalars(step, scalars)
-            if val_stream is not None and (cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0
-                                           or last):
-                broadcast_buffers(raw_model, world)
-                log.scalars(step, validate(raw_model, val_stream, cfg, accelerator, step))
-                if ema is not None:
-                    ema.copy_buffers(raw_model)
-                    log.scalars(step, validate(ema.model, val_stream, cfg, accelerator, step, prefix="val_ema"))
-            if accelerator.is_main_process and cfg.log.image_every_steps and (
-                    step % cfg.log.image_every_steps == 0 or last):
-                # Grids come from the EMA when there is one; their names say which weights drew them.
-                log.images(step, image_grids(raw_model if ema is None else ema.model, cfg, fixed_val_batch, device,
-                                             suffix="" if ema is None else "_ema"))
-            if checkpointer.due(step) or last or any_stop or data_failed:
-                path = save()
-                log.info(f"saved {path}")
-            if data_failed:
-                raise TrainingFailed(health.message(cfg.data.max_bad_fraction, rank))
-            if any_stop and not last:
-                log.info(f"stop signal ({stop.signal_name or 'on another rank'}): saved {path}; exiting with code "
-                         f"{EXIT_INTERRUPTED}, rerun the same command to resume")
-                write_status(run_dir, accelerator, "interrupted", step)
-                return EXIT_INTERRUPTED
-            if lock is not None and step % cfg.log.every_steps == 0:
-                lock_problem = lock_problem or lock_taken_over(lock)
-        write_status(run_dir, accelerator, "finished", step)
-        log.info(f"finished {step} steps; checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
-        return EXIT_FINISHED
+            out = train_step(parts.model, parts.optimizer, accelerator, batches, buffers, cfg, state.step, accum,
+                             stop, bool(ending.lock_problem))
+            ending.account(out, time.perf_counter() - started)
+            code = ending.after(out)
+        return code
     except LockLost:
         raise  # RUN_DIR belongs to another process now: its status is not ours to write
     except TrainingFailed:
-        write_status(run_dir, accelerator, "failed", step)
+        write_status(run_dir, accelerator, "failed", state.step)
         raise
     except RuntimeError as error:
         if not (world > 1 and is_collective_failure(error)):
             raise
-        write_status(run_dir, accelerator, "failed", step)
+        write_status(run_dir, accelerator, "failed", state.step)
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise TrainingFailed(f"a collective failed at step {step + 1} on rank {rank}: another rank died or waited "
-                             f"longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g} s "
-                             f"({first_line}); rerun to resume from the last checkpoint") from None
+        raise TrainingFailed(f"a collective failed at step {state.step + 1} on rank {accelerator.process_index}: "
+                             f"another rank died or waited longer than train.collective_timeout_s="
+                             f"{cfg.train.collective_timeout_s:g} s ({first_line}); rerun to resume from the last "
+                             f"checkpoint") from None
     finally:
         log.close()
         if lock is not None:
             lock.release()
+
+
+class EndOfStep:
+    """Everything after a step's update: counters, EMA, failure rules, then log, validate, images, save, and
+    stop, fail or finish, in that order. A step due for validation validates even when a stop signal came,
+    and a stop at the last step is a finished run."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, log: RunLog, checkpointer: Checkpointer,
+                 state: TrainState, parts: Parts, stream: ShardStream, val_stream: ShardStream | None,
+                 stop: StopFlag, lock: RunLock | None, run_dir: Path):
+        self.cfg, self.accelerator, self.log, self.checkpointer = cfg, accelerator, log, checkpointer
+        self.state, self.parts, self.stream, self.val_stream = state, parts, stream, val_stream
+        self.stop, self.lock, self.run_dir = stop, lock, run_dir
+        self.window, self.health = WindowStats(accelerator.device), DataHealth(cfg.data.max_bad_fraction,
+                                                                               cfg.data.bad_window)
+        self.consecutive_bad, self.data_failed, self.lock_problem = 0, False, ""
+        show = val_stream is not None and accelerator.is_main_process
+        self.fixed_val_batch = next(iter(val_stream), None) if show else None  # the same images in every grid
+
+    def account(self, out: StepOutput, seconds: float) -> None:
+        """The step's counters and the rules that end a run at once (non-finite steps, a lost lock)."""
+        cfg, state, verdict = self.cfg, self.state, out.verdict
+        if verdict.non_finite:
+            self.consecutive_bad, state.bad_steps = self.consecutive_bad + 1, state.bad_steps + 1
+            self.log.info(f"step {state.step + 1}: non-finite loss or gradient on some rank; update skipped on all "
+                          f"ranks")
+            if self.consecutive_bad >= cfg.train.max_bad_steps:
+                raise TrainingFailed(f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps); "
+                                     f"lower train.lr or set train.grad_clip, then rerun to resume from the last "
+                                     f"checkpoint")
+        elif verdict.apply:
+            self.consecutive_bad = 0
+        if verdict.no_data:
+            self.log.info(f"step {state.step + 1}: a batch with no readable sample on some rank; update skipped on "
+                          f"all ranks")
+        if out.lock_lost:
+            raise LockLost(self.lock_problem or f"rank 0 lost {self.run_dir / 'lock'} to another process; "
+                                                f"stopping without saving")
+        self.parts.scheduler.step()
+        state.step += 1
+        ema = self.parts.ema
+        if ema is not None and verdict.apply and ema.due(state.step):
+            ema.update(self.parts.raw_model)  # a skipped step leaves the average as it was
+        world = self.accelerator.num_processes
+        state.samples_seen += out.images * world
+        self.window.add_step(out, seconds)
+        self.log.step(state.step, out.terms, self.window.last_images_per_second * world)
+        self.health.note_shards(out.bad_shards)
+        self.data_failed = self.health.add(out.bad_samples, out.images * world)
+
+    def after(self, out: StepOutput) -> int | None:
+        """The end-of-step work in its order; an exit code when the run ends here."""
+        cfg, step, parts = self.cfg, self.state.step, self.parts
+        last = step == cfg.train.max_steps
+        if step % cfg.log.every_steps == 0 or last:
+            self.log_window(out)
+        if self.val_stream is not None and (cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0
+                                            or last):
+            self.validate()
+        if self.accelerator.is_main_process and cfg.log.image_every_steps and (
+                step % cfg.log.image_every_steps == 0 or last):
+            # Grids come from the EMA when there is one; their names say which weights drew them.
+            weights = parts.raw_model if parts.ema is None else parts.ema.model
+            self.log.images(step, image_grids(weights, cfg, self.fixed_val_batch, self.accelerator.device,
+                                              suffix="" if parts.ema is None else "_ema"))
+        if self.checkpointer.due(step) or last or out.stop or self.data_failed:
+            path = self.save()
+            self.log.info(f"saved {path}")
+        if self.data_failed:
+            raise TrainingFailed(self.health.message(cfg.data.max_bad_fraction, self.accelerator.process_index))
+        if last:
+            return self.finish()
+        if out.stop:
+            self.log.info(f"stop signal ({self.stop.signal_name or 'on another rank'}): saved {path}; exiting with "
+                          f"code {EXIT_INTERRUPTED}, rerun the same command to resume")
+            write_status(self.run_dir, self.accelerator, "interrupted", step)
+            return EXIT_INTERRUPTED
+        if self.lock is not None and step % cfg.log.every_steps == 0:
+            self.lock_problem = self.lock_problem or lock_taken_over(self.lock)
+        return None
+
+    def finish(self) -> int:
+        write_status(self.run_dir, self.accelerator, "finished", self.state.step)
+        self.log.info(f"finished {self.state.step} steps; checkpoints in {self.run_dir / 'checkpoints'}, samples in "
+                      f"{self.run_dir / 'samples'}")
+        return EXIT_FINISHED
+
+    def log_window(self, out: StepOutput) -> None:
+        scalars = self.window.reduce(self.accelerator)
+        scalars.update({"train/lr": self.parts.scheduler.get_last_lr()[0], "train/kl_weight": out.terms.kl_weight,
+                        "train/samples_seen": self.state.samples_seen, "train/epoch": self.stream.epoch,
+                        "train/bad_steps_total": self.state.bad_steps})
+        self.log.scalars(self.state.step, scalars)
+
+    def validate(self) -> None:
+        parts, world = self.parts, self.accelerator.num_processes
+        broadcast_buffers(parts.raw_model, world)
+        self.log.scalars(self.state.step, validate(parts.raw_model, self.val_stream, self.cfg, self.accelerator,
+                                                   self.state.step))
+        if parts.ema is not None:
+            parts.ema.copy_buffers(parts.raw_model)
+            self.log.scalars(self.state.step, validate(parts.ema.model, self.val_stream, self.cfg, self.accelerator,
+                                                       self.state.step, prefix="val_ema"))
+
+    def save(self) -> Path:
+        """A checkpoint of this step from the TrainState and the parts; nothing non-finite is ever written."""
+        parts, state = self.parts, self.state
+        broadcast_buffers(parts.raw_model, self.accelerator.num_processes)
+        weights = parts.raw_model.state_dict()
+        if parts.ema is not None:
+            parts.ema.copy_buffers(parts.raw_model)  # rank 0's statistics, as in model.safetensors
+        ema_state = parts.ema.state_dict() if parts.ema is not None else None
+        if not all_finite([*weights.values(), *(ema_state or {}).values()]):  # parameters, buffers, the EMA
+            raise TrainingFailed(f"the weights or BatchNorm statistics are not finite at step {state.step}; nothing "
+                                 f"was saved. Lower train.lr and rerun to resume from the last checkpoint")
+        state.data, state.schedule = self.stream.state_dict(), parts.schedule.anchor
+        state.ema_updates = parts.ema.updates if parts.ema is not None else 0
+        scaler = parts.scaler.state_dict() if parts.scaler is not None else None
+        return self.checkpointer.save(state.step, weights, parts.optimizer.state_dict(), parts.scheduler.state_dict(),
+                                      state.to_json(), scaler, ema_state)
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -408,62 +401,6 @@ def image_grids(model, cfg: Config, val_batch, device, suffix: str = "") -> dict
     return grids
 
 
-def restore_ema(ema, folder: Path, updates: int) -> str:
-    """Load the checkpoint's EMA; "" when it did, else one line on what the EMA starts from."""
-    saved = load_ema_state(folder)
-    if ema is None:
-        return "" if saved is None else "train.ema_decay=0: the checkpoint's EMA is not used and no EMA is kept"
-    if saved is None:
-        return f"{folder.name} holds no EMA: the EMA starts from the current weights"
-    ema.load_state_dict(saved, updates)
-    return ""
-
-
-def choose_checkpoint(checkpointer: Checkpointer, accelerator: Accelerator) -> Path | None:
-    """Rank 0 picks the latest complete checkpoint and every rank loads that one, or says it cannot see it.
-
-    On a shared filesystem with stale caches, ranks listing the folder each would pick different steps.
-    """
-    step = None
-    if accelerator.is_main_process:
-        latest = checkpointer.latest()
-        step = None if latest is None else int(latest.name.split("-")[1])
-    if accelerator.num_processes > 1:
-        step = broadcast_object_list([step])[0]
-    folder = None if step is None else checkpointer.root / step_dir_name(step)
-    problem = "" if folder is None or is_complete(folder) else \
-        f"rank {accelerator.process_index} cannot see {folder}, the checkpoint rank 0 resumes from"
-    if accelerator.num_processes > 1:
-        problems = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(problems, problem)
-        problem = next((text for text in problems if text), "")
-    if problem:
-        raise UserError(f"{problem}: RUN_DIR must be on a filesystem every node shares")
-    return folder
-
-
-def apply_resumed_config(cfg: Config, saved: Config, schedule: Schedule, optimizer, scheduler, step: int) -> None:
-    """The config of this run wins over what the checkpoint's optimizer and scheduler hold, from the next step.
-
-    LambdaLR would keep the saved base lr; the optimizer, the saved betas and weight decay. A changed
-    schedule is anchored at the factor the run had reached, so the lr continues without a jump.
-    """
-    if any(getattr(saved.train, key.split(".")[1]) != getattr(cfg.train, key.split(".")[1]) for key in SCHEDULE):
-        schedule.anchor = {"step": step, "factor": Schedule(saved, schedule.anchor)(step)}
-    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(lr=cfg.train.lr * schedule(step), betas=(cfg.train.beta1, cfg.train.beta2),
-                     weight_decay=cfg.train.weight_decay)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def restore_rng(folder: Path, rank: int) -> None:
-    path = folder / f"rng-rank{rank:05d}.pt"
-    if path.exists():
-        states = load_tensors(path)
-        torch.set_rng_state(states["cpu"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"])
 
 
 def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int) -> None:

@@ -134,3 +134,13 @@ def test_format_1_state_converts_with_a_notice():
     assert len(notes) == 1 and "predates the global data order" in notes[0]
     again, notes = TrainState.from_json(state.to_json() | {"format": 2})
     assert again == state and notes == []
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_refused_naming_the_keys():
+    from distvae.train import accumulation_steps
+
+    assert accumulation_steps(current(**{"data.global_batch": 64, "data.batch_size": 16}), 2) == 2
+    assert accumulation_steps(current(**{"data.batch_size": 16, "train.grad_accum_steps": 3}), 2) == 3  # 0: derived
+    with pytest.raises(UserError, match=r"^data.global_batch=48 is not a multiple of 2 processes x "
+                                        r"data.batch_size=16: change data.global_batch or data.batch_size$"):
+        accumulation_steps(current(**{"data.global_batch": 48, "data.batch_size": 16}), 2)

@@ -29,6 +29,7 @@ import torch
 import distvae.checkpoint as checkpoint
 import distvae.data.plan as plan_module
 import distvae.model as model_module
+import distvae.step as step_module
 import distvae.train as train
 from distvae.data.stream import ShardStream
 
@@ -67,7 +68,7 @@ if probe_dir:
         return original_save(self, step, model_state, *args, **kwargs)
 
     checkpoint.Checkpointer.save = recording_save
-    original_noise = train.sample_noise
+    original_noise = step_module.sample_noise
 
     def recording_noise(seed, epoch, positions, dim, device):
         eps = original_noise(seed, epoch, positions, dim, device)
@@ -76,7 +77,7 @@ if probe_dir:
                 out.write(f"{epoch} {position} {tensor_hash([row])[:16]}\n")
         return eps
 
-    train.sample_noise = recording_noise
+    step_module.sample_noise = recording_noise
     original_adamw_step = torch.optim.AdamW.step
 
     def recording_adamw_step(self, *args, **kwargs):
