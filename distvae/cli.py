@@ -8,6 +8,7 @@
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
+    distvae sample | reconstruct | interpolate | export --ckpt RUN_DIR ...    # after training (tools.py)
 """
 
 from __future__ import annotations
@@ -52,6 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--order", default="shuffled", choices=("shuffled", "source"),
                       help="sample order within each split: seeded random (default) or the source's own")
     pack.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (same seed, same shards)")
+
+    def tool(name: str, text: str, shards: bool = False):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--ckpt", required=True, help="checkpoint folder, or a run directory (its latest)")
+        command.add_argument("--raw", action="store_true", help="the live weights instead of the EMA")
+        if shards:
+            command.add_argument("--shards", required=True, help="shard spec (a manifest's val split by default)")
+        if name != "export":
+            command.add_argument("--out", required=True, help="PNG file to write")
+        return command
+
+    sample = tool("sample", "a grid of decoder samples, z ~ N(0, T^2 I)")
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--seed", type=int, default=0)
+    reconstruct = tool("reconstruct", "inputs and their reconstructions side by side", shards=True)
+    reconstruct.add_argument("--n", type=int, default=16)
+    interpolate = tool("interpolate", "decoded paths between the posterior means of pairs of images", shards=True)
+    interpolate.add_argument("--pairs", type=int, default=4)
+    interpolate.add_argument("--steps", type=int, default=8)
+    interpolate.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    export = tool("export", "config.json + model.safetensors for ConvVAE.from_pretrained")
+    export.add_argument("--out", required=True, help="folder to write")
 
     data = commands.add_parser("data", help="inspect the training data as the trainer sees it")
     data_kinds = data.add_subparsers(dest="data_kind", metavar="KIND")
@@ -123,6 +147,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             order=args.order,
             seed=args.seed,
         )
+        return 0
+    if args.command in ("sample", "reconstruct", "interpolate", "export"):
+        from distvae import export, tools
+
+        if args.command == "sample":
+            line = tools.sample(args.ckpt, args.out, args.n, args.temperature, args.seed, args.raw)
+        elif args.command == "reconstruct":
+            line = tools.reconstruct(args.ckpt, args.shards, args.out, args.n, args.raw)
+        elif args.command == "interpolate":
+            line = tools.interpolate(args.ckpt, args.shards, args.out, args.pairs, args.steps, args.slerp, args.raw)
+        else:
+            line = export.export(args.ckpt, args.out, args.raw)
+        print(line)
         return 0
     if args.command == "data" and args.data_kind == "plan":
         from distvae.data.show import show_plan

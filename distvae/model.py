@@ -126,6 +126,13 @@ class ConvVAE(nn.Module):
         z = self.reparameterize(mean, logvar, eps)
         return self.decode(z, cond), mean, logvar
 
+    @classmethod
+    def from_pretrained(cls, folder) -> ConvVAE:
+        """A model written by `distvae export` (config.json + model.safetensors), in eval mode (export.py)."""
+        from distvae.export import load_pretrained
+
+        return load_pretrained(folder)
+
     @torch.no_grad()
     def sample(
         self, n: int, cond: torch.Tensor | None = None, generator: torch.Generator | None = None
