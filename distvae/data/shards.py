@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from braceexpand import braceexpand
 
 from distvae.errors import UserError
@@ -366,18 +367,13 @@ class _MapView:
 
 
 @dataclass
-class _MappedShard:
-    map: mmap.mmap | bytes
-    keys: list[str]
-    starts: list[int]  # offset of each sample's first header
-    ends: list[int]  # offset just past its last member
+class _ShardIndex:
+    starts: np.ndarray  # int64 offset of each whole sample's first header
+    ends: np.ndarray  # int64 offset just past its last member
     damage: str | None  # why the index stops early, when it does
 
 
-def _index(url: str) -> _MappedShard:
-    with open(url, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+def _index(url: str, data) -> _ShardIndex:
     view = _MapView(data, 0)
     keys, starts, ends, damage = [], [], [], None
     try:
@@ -397,52 +393,71 @@ def _index(url: str) -> _MappedShard:
     except ShardError as error:
         damage = str(error)
         if keys:  # the last sample may be cut: only whole samples before the damage count
-            keys.pop(), starts.pop(), ends.pop()
-    return _MappedShard(data, keys, starts, ends, damage)
+            starts.pop(), ends.pop()
+    return _ShardIndex(np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), damage)
+
+
+def _map(url: str):
+    with open(url, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
 
 class SeekableShards:
-    """Samples of local shards by index: each shard's member offsets are read from its headers on first
-    use (payloads are not touched) and the shard stays mapped; beyond `keep_open` shards, the least
-    recently used is closed. One per data worker (a map does not cross fork/pickle boundaries)."""
+    """Samples of local shards by index, one per data worker (a map does not cross fork/pickle boundaries).
 
-    def __init__(self, keep_open: int = 256):
-        self.keep_open = keep_open
-        self.shards: OrderedDict[str, _MappedShard] = OrderedDict()
+    A shard's member offsets are read from its headers on first use (payloads are not touched) and kept
+    as two int64 arrays (16 bytes a sample) for up to `keep_indexes` shards; up to `keep_maps` shards stay
+    memory-mapped (each map holds a file descriptor). A shuffle block spans far more shards than are
+    mapped at once: reopening a map is cheap, indexing a shard again is not, so the two are kept apart.
+    """
 
-    def _shard(self, url: str) -> _MappedShard:
-        shard = self.shards.get(url)
-        if shard is None:
-            shard = self.shards[url] = _index(url)
-            while len(self.shards) > self.keep_open:
-                _, old = self.shards.popitem(last=False)
-                if not isinstance(old.map, bytes):
-                    old.map.close()
-        self.shards.move_to_end(url)
-        return shard
+    def __init__(self, keep_maps: int = 128, keep_indexes: int = 16384):
+        self.keep_maps, self.keep_indexes = keep_maps, keep_indexes
+        self.maps: OrderedDict[str, object] = OrderedDict()
+        self.indexes: OrderedDict[str, _ShardIndex] = OrderedDict()
+
+    def _shard(self, url: str):
+        data = self.maps.get(url)
+        if data is None:
+            data = self.maps[url] = _map(url)
+            while len(self.maps) > self.keep_maps:
+                _, old = self.maps.popitem(last=False)
+                if not isinstance(old, bytes):
+                    old.close()
+        self.maps.move_to_end(url)
+        index = self.indexes.get(url)
+        if index is None:
+            index = self.indexes[url] = _index(url, data)
+            while len(self.indexes) > self.keep_indexes:
+                self.indexes.popitem(last=False)
+        self.indexes.move_to_end(url)
+        return data, index
 
     def sample(self, url: str, index: int) -> dict:
         """{ext: bytes, "__key__": key} of sample `index`; ShardError when the shard cannot give it."""
         try:
-            shard = self._shard(url)
+            data, shard = self._shard(url)
         except OSError as error:
             raise ShardError(f"cannot be opened: {error.strerror or error}") from None
-        if index >= len(shard.keys):
-            raise ShardError(shard.damage or f"holds {len(shard.keys)} samples, fewer than its manifest says")
-        view = _MapView(shard.map, shard.starts[index])
-        sample = {"__key__": shard.keys[index]}
+        if index >= len(shard.starts):
+            raise ShardError(shard.damage or f"holds {len(shard.starts)} samples, fewer than its manifest says")
+        view = _MapView(data, int(shard.starts[index]))
+        end, sample = int(shard.ends[index]), {}
         for name, size, padded in _members(view):
             match = _KEY.match(name)
             if match is None:
                 view.skip(padded)
             else:
+                sample.setdefault("__key__", match.group(1))
                 sample[match.group(2).lower()] = view.read(padded)[:size]
-            if view.position >= shard.ends[index]:
+            if view.position >= end:
                 break
         return sample
 
     def close(self) -> None:
-        for shard in self.shards.values():
-            if not isinstance(shard.map, bytes):
-                shard.map.close()
-        self.shards.clear()
+        for data in self.maps.values():
+            if not isinstance(data, bytes):
+                data.close()
+        self.maps.clear()
+        self.indexes.clear()
