@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--raw", action="store_true", help="the live weights instead of the EMA")
         if shards:
             command.add_argument("--shards", required=True, help="shard spec (a manifest's val split by default)")
-        if name != "export":
+        if name not in ("export", "evaluate"):
             command.add_argument("--out", required=True, help="PNG file to write")
         return command
 
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--pairs", type=int, default=4)
     interpolate.add_argument("--steps", type=int, default=8)
     interpolate.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    evaluate = tool("evaluate", "-ELBO, bits/dim, IW bound, MSE, PSNR, KL per dimension, active units", shards=True)
+    evaluate.add_argument("--json", default=None, help="also write every figure as JSON here")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--iw", type=int, default=1, help="importance samples for the IW bound (1 = the ELBO)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     export = tool("export", "config.json + model.safetensors for ConvVAE.from_pretrained")
     export.add_argument("--out", required=True, help="folder to write")
 
@@ -148,8 +153,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed,
         )
         return 0
-    if args.command in ("sample", "reconstruct", "interpolate", "export"):
-        from distvae import export, tools
+    if args.command in ("sample", "reconstruct", "interpolate", "export", "evaluate"):
+        from distvae import export, scores, tools
 
         if args.command == "sample":
             line = tools.sample(args.ckpt, args.out, args.n, args.temperature, args.seed, args.raw)
@@ -157,6 +162,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             line = tools.reconstruct(args.ckpt, args.shards, args.out, args.n, args.raw)
         elif args.command == "interpolate":
             line = tools.interpolate(args.ckpt, args.shards, args.out, args.pairs, args.steps, args.slerp, args.raw)
+        elif args.command == "evaluate":
+            line = scores.evaluate_checkpoint(args.ckpt, args.shards, args.json, args.batch_size, args.iw, args.seed,
+                                              args.raw)
         else:
             line = export.export(args.ckpt, args.out, args.raw)
         print(line)

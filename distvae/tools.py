@@ -66,13 +66,22 @@ def sample(ckpt: str, out: str, n: int = 64, temperature: float = 1.0, seed: int
     return f"{n} samples at temperature {temperature:g}, seed {seed}, from {which} -> {out}"
 
 
-def _images(cfg: Config, shards: str, count: int) -> torch.Tensor:
+def image_batches(cfg: Config, shards: str, batch_size: int = 64):
+    """Float (B, C, H, W) batches of the split in order, cropped and resized as in training."""
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     found = resolve_shards(shards, split="val")
-    stream = ShardStream(found, batch_size=min(count, 64), resolution=cfg.model.resolution,
+    stream = ShardStream(found, batch_size=batch_size, resolution=cfg.model.resolution,
                          channels=cfg.model.channels, crop=cfg.data.crop, train=False, num_workers=0)
-    taken = []
     for batch in stream:
-        taken.append(batch.to("cpu")[0])
+        if batch.readable:
+            yield batch.to("cpu")[0]
+
+
+def _images(cfg: Config, shards: str, count: int) -> torch.Tensor:
+    taken = []
+    for images in image_batches(cfg, shards, min(count, 64)):
+        taken.append(images)
         if sum(len(t) for t in taken) >= count:
             break
     images = torch.cat(taken)[:count] if taken else torch.empty(0)

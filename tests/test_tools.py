@@ -60,6 +60,20 @@ def test_each_tool_writes_a_png_of_the_expected_size_and_is_reproducible(trained
     assert (tmp_path / "raw.png").read_bytes() != (tmp_path / "sample.png").read_bytes()
 
 
+def test_evaluate_through_the_cli_writes_its_figures(trained, tmp_path):
+    import json
+
+    run_dir, shards = trained
+    result = distvae("evaluate", "--ckpt", run_dir, "--shards", shards, "--iw", 4, "--json", tmp_path / "s.json",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["images"] > 0 and scores["iw_samples"] == 4 and "EMA weights" in scores["checkpoint"]
+    assert f"{scores['neg_elbo_nats']:.2f} nats/image" in line and "bits/dim" in line
+    assert 0 <= scores["active_units"] <= scores["latent_dim"] == len(scores["kl_per_dim"])
+
+
 def test_export_then_from_pretrained_decodes_like_the_checkpoint(trained, tmp_path):
     run_dir, _ = trained
     result = distvae("export", "--ckpt", run_dir, "--out", tmp_path / "exported", cwd=tmp_path)
