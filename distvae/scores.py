@@ -126,12 +126,10 @@ def evaluate(model: ConvVAE, cfg: Config, batches, iw: int = 1, seed: int = 0) -
 
 def evaluate_checkpoint(ckpt: str, shards: str, json_path: str | None = None, batch_size: int = 64, iw: int = 1,
                         seed: int = 0, raw: bool = False) -> str:
-    from distvae.tools import image_batches, load_checkpoint
+    from distvae.tools import check_unconditional, image_batches, load_checkpoint
 
     model, cfg, which = load_checkpoint(ckpt, raw)
-    if model.cond_dim:
-        raise UserError(f"this checkpoint's model is conditional (model.cond_dim={model.cond_dim}); evaluating "
-                        f"conditional models is not supported yet")
+    check_unconditional(model, "evaluation")
     result = evaluate(model, cfg, image_batches(cfg, shards, batch_size), iw, seed)
     result["checkpoint"] = which
     if json_path:

@@ -48,7 +48,7 @@ def save_png(grid, out: str) -> None:
     Image.fromarray(grid).save(path, format="PNG")
 
 
-def _check_unconditional(model: ConvVAE, command: str) -> None:
+def check_unconditional(model: ConvVAE, command: str) -> None:
     if model.cond_dim:
         raise UserError(f"this checkpoint's model is conditional (model.cond_dim={model.cond_dim}); {command} of "
                         f"conditional models is not supported yet")
@@ -59,7 +59,7 @@ def sample(ckpt: str, out: str, n: int = 64, temperature: float = 1.0, seed: int
     if n < 1 or not temperature > 0:
         raise UserError("--n must be at least 1 and --temperature positive")
     model, _, which = load_checkpoint(ckpt, raw)
-    _check_unconditional(model, "sampling")
+    check_unconditional(model, "sampling")
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.latent_dim, generator=generator) * temperature
     save_png(to_uint8_grid(model.decode(z), rows=math.ceil(math.sqrt(n))), out)
@@ -95,7 +95,7 @@ def reconstruct(ckpt: str, shards: str, out: str, n: int = 16, raw: bool = False
     if n < 1:
         raise UserError("--n must be at least 1")
     model, cfg, which = load_checkpoint(ckpt, raw)
-    _check_unconditional(model, "reconstruction")
+    check_unconditional(model, "reconstruction")
     images = _images(cfg, shards, n)
     mean, _ = model.encode(images)
     pairs = torch.stack([images, model.decode(mean).float()], dim=1).flatten(0, 1)  # input, reconstruction, ...
@@ -119,7 +119,7 @@ def interpolate(ckpt: str, shards: str, out: str, pairs: int = 4, steps: int = 8
     if pairs < 1 or steps < 2:
         raise UserError("--pairs must be at least 1 and --steps at least 2")
     model, cfg, which = load_checkpoint(ckpt, raw)
-    _check_unconditional(model, "interpolation")
+    check_unconditional(model, "interpolation")
     images = _images(cfg, shards, 2 * pairs)
     mean, _ = model.encode(images)
     start, end = mean[0::2], mean[1::2]
