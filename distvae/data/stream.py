@@ -103,7 +103,8 @@ class StreamSpec:
     def shard_order(self, epoch: int) -> list[int]:
         if not self.train:
             return list(range(len(self.shards)))
-        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards)).tolist()
+        counts = tuple(shard.samples for shard in self.shards)  # the plan's shard order: one formula for both readers
+        return GlobalPlan(counts, self.seed, self.shuffle_block).shard_order(epoch)[0].tolist()
 
     def worker_range(self, worker: int) -> tuple[int, int, int]:
         """(first position, end position, batches) of a logical worker in the epoch's sample sequence."""
