@@ -4,6 +4,7 @@ Layout of `RUN_DIR/checkpoints/step-00001000/`:
 
     model.safetensors     the unwrapped model's state_dict, buffers included (BatchNorm statistics)
     ema.safetensors       the EMA of the weights (same keys), only with train.ema_decay > 0
+    attributes.safetensors  real attribute rows of the training split, only for conditional models
     optimizer.pt          optimizer state (tensors and numbers: torch.load(weights_only=True))
     scheduler.pt          LR scheduler state (numbers)
     scaler.pt             fp16 GradScaler state, only with train.mixed_precision=fp16
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distvae.attributes import AttributeTable
 from distvae.errors import UserError
 
 MARKER = "COMPLETE"
@@ -110,6 +112,7 @@ class Checkpointer:
     keep_last: int
     rank: int
     barrier: Callable[[], None]  # every rank must call save(); the barrier keeps them in step
+    attributes: AttributeTable | None = None  # written into every checkpoint (rank 0 holds it)
 
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0
@@ -151,6 +154,8 @@ class Checkpointer:
             if ema_state is not None:
                 save_file({name: tensor.detach().contiguous().cpu() for name, tensor in ema_state.items()},
                           temporary / "ema.safetensors")
+            if self.attributes is not None:
+                self.attributes.save(temporary)
             _write_json(temporary / "train_state.json", {**train_state, "step": step})
         self.barrier()
         if self.rank == 0:

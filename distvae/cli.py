@@ -8,7 +8,7 @@
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
-    distvae sample | reconstruct | interpolate | export --ckpt RUN_DIR ...    # after training (tools.py)
+    distvae sample | reconstruct | interpolate | evaluate | export --ckpt RUN_DIR ...   # after training
 """
 
 from __future__ import annotations
@@ -68,17 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--attr", action="append", default=[], metavar="NAME=0|1",
+                        help="conditional models: fix an attribute (repeatable); the others come from real rows")
     reconstruct = tool("reconstruct", "inputs and their reconstructions side by side", shards=True)
     reconstruct.add_argument("--n", type=int, default=16)
     interpolate = tool("interpolate", "decoded paths between the posterior means of pairs of images", shards=True)
     interpolate.add_argument("--pairs", type=int, default=4)
     interpolate.add_argument("--steps", type=int, default=8)
     interpolate.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
-    evaluate = tool("evaluate", "-ELBO, bits/dim, IW bound, MSE, PSNR, KL per dimension, active units", shards=True)
+    evaluate = tool("evaluate", "-ELBO, bits/dim, IW bound, MSE, PSNR, SSIM, KL per dim, active units, FID",
+                    shards=True)
     evaluate.add_argument("--json", default=None, help="also write every figure as JSON here")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=0, help="data workers per process (JPEG shards want some)")
     evaluate.add_argument("--iw", type=int, default=1, help="importance samples for the IW bound (1 = the ELBO)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    evaluate.add_argument("--fid-images", type=int, default=10_000,
+                          help="inputs (the split's first) that FID compares; 0 = no FID")
+    evaluate.add_argument("--fid-weights", default=None,
+                          help="local Inception weights for FID (default: torch-fidelity's cache; never downloaded)")
     export = tool("export", "config.json + model.safetensors for ConvVAE.from_pretrained")
     export.add_argument("--out", required=True, help="folder to write")
 
@@ -154,20 +162,25 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         return 0
     if args.command in ("sample", "reconstruct", "interpolate", "export", "evaluate"):
-        from distvae import export, scores, tools
+        from distvae import tools  # evaluate and export import their own modules (FID needs torchmetrics)
 
         if args.command == "sample":
-            line = tools.sample(args.ckpt, args.out, args.n, args.temperature, args.seed, args.raw)
+            line = tools.sample(args.ckpt, args.out, args.n, args.temperature, args.seed, args.raw, args.attr)
         elif args.command == "reconstruct":
             line = tools.reconstruct(args.ckpt, args.shards, args.out, args.n, args.raw)
         elif args.command == "interpolate":
             line = tools.interpolate(args.ckpt, args.shards, args.out, args.pairs, args.steps, args.slerp, args.raw)
         elif args.command == "evaluate":
+            from distvae import scores
+
             line = scores.evaluate_checkpoint(args.ckpt, args.shards, args.json, args.batch_size, args.iw, args.seed,
-                                              args.raw)
+                                              args.raw, args.fid_images, args.fid_weights, workers=args.workers)
         else:
+            from distvae import export
+
             line = export.export(args.ckpt, args.out, args.raw)
-        print(line)
+        if line:  # other ranks of a multi-process evaluate print nothing
+            print(line)
         return 0
     if args.command == "data" and args.data_kind == "plan":
         from distvae.data.show import show_plan

@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
+from distvae.attributes import collect as collect_attributes
 from distvae.checkpoint import Checkpointer, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args
 from distvae.data.plan import check_global_batch
@@ -170,6 +171,9 @@ def train(cfg: Config, reset_data: bool = False) -> int:
     accum = accumulation_steps(cfg, world)
     stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
     log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
+    if cfg.model.cond_dim and accelerator.is_main_process:  # real attribute rows, for sampling after training
+        checkpointer.attributes = collect_attributes(cfg.data.train_shards, list(stream.spec.shards),
+                                                     cfg.model.cond_dim)
     state = TrainState(tracker_run_id=run_id, dataset=fingerprint(list(stream.spec.shards)),
                        global_batch=stream.spec.global_batch, config=cfg.to_dict())
     if resumed:
@@ -290,7 +294,8 @@ class EndOfStep:
             # Grids come from the EMA when there is one; their names say which weights drew them.
             weights = parts.raw_model if parts.ema is None else parts.ema.model
             self.log.images(step, image_grids(weights, cfg, self.fixed_val_batch, self.accelerator.device,
-                                              suffix="" if parts.ema is None else "_ema"))
+                                              suffix="" if parts.ema is None else "_ema",
+                                              attributes=self.checkpointer.attributes))
         if self.checkpointer.due(step) or last or out.stop or self.data_failed:
             path = self.save()
             self.log.info(f"saved {path}")
@@ -393,8 +398,11 @@ def broadcast_buffers(model: torch.nn.Module, world: int) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
-def image_grids(model, cfg: Config, val_batch, device, suffix: str = "") -> dict:
-    grids = {f"samples{suffix}": sample_grid(model, cfg.run.seed, count=64)}
+def image_grids(model, cfg: Config, val_batch, device, suffix: str = "", attributes=None) -> dict:
+    # A conditional model's samples take real attribute rows (the same ones in every grid of the run).
+    cond = None if attributes is None else \
+        attributes.draw({}, 64, torch.Generator().manual_seed(cfg.run.seed))[0].to(device)
+    grids = {f"samples{suffix}": sample_grid(model, cfg.run.seed, count=64, cond=cond)}
     if val_batch is not None:
         images, cond = val_batch.to(device, cfg.train.channels_last)
         grids[f"reconstructions{suffix}"] = reconstruction_pairs(model, images[:8], None if cond is None else cond[:8])

@@ -102,6 +102,14 @@ def _shards_in_manifest(manifest: dict) -> dict[str, tuple[int, str | None, str]
     return found
 
 
+def read_manifest(spec: str, shards: list[Shard]) -> dict:
+    """The manifest a spec names, or the one beside its first shard; {} when there is none."""
+    url = spec.partition("#")[0]
+    if not url.endswith(".json"):
+        url = _sibling(shards[0].url, "manifest.json") if shards else None
+    return (_read_json(url) or {}) if url else {}
+
+
 def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
     """Turn a shard spec into shards with sample counts; a one-line UserError when that is impossible."""
     if not spec.strip():
