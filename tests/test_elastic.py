@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import base_args, checkpoint_at, command, final_weights, kill_when, run
 from safetensors.torch import load_file
-from test_train import base_args, checkpoint_at, command, final_weights, kill_when, run
 
 pytestmark = pytest.mark.slow
 

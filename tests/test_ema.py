@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import base_args, checkpoint_at, command, kill_when, run
 from safetensors.torch import load_file
-from test_train import base_args, checkpoint_at, command, kill_when, run
 
 from distvae.config import load_config
 from distvae.ema import EMA, build_ema

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import base_args, command, free_port, run
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import base_args, command, free_port, run
 
 from distvae import ConvVAE
 from distvae.tools import conditions, load_checkpoint, slerp
