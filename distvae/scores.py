@@ -144,7 +144,7 @@ def evaluate(model: ConvVAE, cfg: Config, batches, iw: int = 1, seed: int = 0, r
     mean_of = {key: totals[key].item() / images for key in _SCALARS}
     variance = totals["mean_squares"] / images - (totals["mean_sum"] / images).square()
     iw_std = math.sqrt(max(mean_of["iw_squares"] - mean_of["iw"] ** 2, 0.0))
-    values = math.prod(model_image_shape(model))
+    values = model.channels * model.resolution**2
     sigma = decoder_sigma(cfg, values)
     result = {
         "images": images, "iw_samples": iw, "neg_elbo_nats": mean_of["neg_elbo"], "mc_elbo_nats": mean_of["mc_elbo"],
@@ -166,14 +166,9 @@ def evaluate(model: ConvVAE, cfg: Config, batches, iw: int = 1, seed: int = 0, r
     return result
 
 
-def model_image_shape(model: ConvVAE) -> tuple[int, int, int]:
-    return model.channels, model.resolution, model.resolution
-
-
 def evaluate_checkpoint(ckpt: str, shards: str, json_path: str | None = None, batch_size: int = 64, iw: int = 1,
                         seed: int = 0, raw: bool = False, fid_images: int = FID_IMAGES,
-                        fid_weights: str | None = None, feature: torch.nn.Module | None = None,
-                        workers: int = 0) -> str:
+                        fid_weights: str | None = None, workers: int = 0) -> str:
     """The command: every process (under `accelerate launch`) takes its part of the split; rank 0 reports."""
     from accelerate import Accelerator
 
@@ -186,11 +181,11 @@ def evaluate_checkpoint(ckpt: str, shards: str, json_path: str | None = None, ba
     model.to(accelerator.device)
     fid, notes = None, []
     if fid_images:
-        weights = None if feature is not None else inception_weights(fid_weights)
-        if feature is None and weights is None:
+        weights = inception_weights(fid_weights)
+        if weights is None:
             notes.append(missing_weights_message())
         else:
-            fid = FID(feature=feature, weights=weights, device=accelerator.device)
+            fid = FID(weights=weights, device=accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     batches = ((*batch.to(device), batch.positions.to(device))
