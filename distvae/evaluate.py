@@ -7,6 +7,12 @@ Metrics over the validation split, summed on each rank and reduced across ranks:
     val/kl          KL(q(z|x) || N(0, I)) in nats per image
     val/recon_mse   mean squared error per pixel of the reconstruction from one posterior sample
     val/psnr        mean over images of 10 * log10(1 / mse), in dB, for images in [0, 1]
+    val/active_units  latent dimensions whose posterior mean varies over the split by more than 0.01
+                    (variance): few of them is posterior collapse, the decoder ignoring most of z
+    val/posterior_std mean over images and dimensions of the posterior's standard deviation (near 1:
+                    the encoder says little; collapsed dimensions sit at 1)
+    val/decoder_min, val/decoder_max  the range of the reconstructions (outside [0, 1]: an unbounded
+                    output head; a narrow range around the mean pixel: the decoder draws the average face)
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from torchvision.utils import make_grid
 
 from distvae.config import Config
 from distvae.data.stream import ShardStream
-from distvae.loss import elbo, negative_elbo
+from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, elbo, negative_elbo
 from distvae.model import ConvVAE
+
+ACTIVE_VARIANCE = 0.01  # the usual threshold on the variance of a dimension's posterior mean
 
 
 @torch.no_grad()
@@ -30,6 +38,9 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     device = accelerator.device
     generator = torch.Generator(device).manual_seed(cfg.run.seed + 1_000_003 * (accelerator.process_index + 1))
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, -elbo, kl, mse, psnr, images
+    dims = model.latent_dim
+    latent = torch.zeros(2 * dims + 1, dtype=torch.float64, device=device)  # sum of means, of their squares, of std
+    extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64, device=device)  # min, -max
     for index, batch in enumerate(stream):
         if cfg.train.val_batches and index >= cfg.train.val_batches:
             break
@@ -46,13 +57,23 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
                              neg_elbo.double().sum() if neg_elbo is not None else torch.zeros_like(sums[0]),
                              terms.kl.double() * count, mse.double().sum(), psnr.double().sum(),
                              torch.tensor(count, dtype=torch.float64, device=device)])
-    sums = accelerator.reduce(sums, reduction="sum")
+        std = torch.exp(0.5 * logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX))
+        latent += torch.cat([mean.double().sum(0), mean.double().square().sum(0), std.double().mean(1).sum()[None]])
+        recon_range = torch.stack([recon.float().amin(), -recon.float().amax()]).double()
+        extremes = torch.minimum(extremes, recon_range)
+    sums, latent = accelerator.reduce(sums, reduction="sum"), accelerator.reduce(latent, reduction="sum")
+    if getattr(accelerator, "num_processes", 1) > 1:
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MIN)
     model.train(was_training)
     totals = sums.tolist()
     images_seen = max(totals[5], 1.0)
     metrics = {"val/loss": totals[0] / images_seen, "val/neg_elbo": totals[1] / images_seen,
                "val/kl": totals[2] / images_seen, "val/recon_mse": totals[3] / images_seen,
                "val/psnr": totals[4] / images_seen, "val/images": totals[5]}
+    means, squares = latent[:dims] / images_seen, latent[dims : 2 * dims] / images_seen
+    metrics["val/active_units"] = float(((squares - means.square()) > ACTIVE_VARIANCE).sum())
+    metrics["val/posterior_std"] = latent[-1].item() / images_seen
+    metrics["val/decoder_min"], metrics["val/decoder_max"] = extremes[0].item(), -extremes[1].item()
     if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:
         del metrics["val/neg_elbo"]
     return {key.replace("val/", f"{prefix}/", 1): value for key, value in metrics.items()}

@@ -32,12 +32,12 @@ import torch
 
 from distvae.config import Config
 from distvae.errors import UserError
+from distvae.evaluate import ACTIVE_VARIANCE
 from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, negative_elbo
 from distvae.model import ConvVAE
 from distvae.noise import sample_noise
 from distvae.quality import FID, fid_note, inception_weights, missing_weights_message, ssim_per_image
 
-ACTIVE_VARIANCE = 0.01
 FID_IMAGES = 10_000
 _LOG_2PI = math.log(2 * math.pi)
 _PRIOR_STREAM = 1 << 20  # the noise "epoch" of the prior samples for FID; 0..K-1 are the posterior draws

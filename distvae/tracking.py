@@ -45,7 +45,9 @@ def summary_line(values: dict[str, float]) -> str:
             v = {key.split("/", 1)[1]: value for key, value in values.items() if key.startswith(f"{prefix}/")}
             neg_elbo = f"  -elbo {v['neg_elbo']:.5g} nats" if "neg_elbo" in v else ""
             return (f"validation{weights}: loss {v['loss']:.4g}{neg_elbo}  kl {v['kl']:.4g}  "
-                    f"recon mse {v['recon_mse']:.4g}  psnr {v['psnr']:.2f} dB  ({v['images']:.0f} images)")
+                    f"recon mse {v['recon_mse']:.4g}  psnr {v['psnr']:.2f} dB"
+                    + (f"  active units {v['active_units']:.0f}" if "active_units" in v else "")
+                    + f"  ({v['images']:.0f} images)")
     return "  ".join(f"{key} {value:.4g}" for key, value in values.items())
 
 
