@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from distvae.data.shards import SeekableShards, Shard, ShardError, is_seekable, read_manifest, read_samples
@@ -39,8 +40,6 @@ class AttributeTable:
         path = folder / FILE
         if not path.is_file():
             return None
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as handle:
             names = json.loads(handle.metadata()["names"])
         return cls(names, load_file(str(path))["rows"])

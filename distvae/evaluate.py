@@ -29,6 +29,13 @@ from distvae.model import ConvVAE
 ACTIVE_VARIANCE = 0.01  # the usual threshold on the variance of a dimension's posterior mean
 
 
+def active_units(mean_sum: torch.Tensor, square_sum: torch.Tensor, images: float) -> int:
+    """Latent dimensions whose posterior mean varies over the data by more than ACTIVE_VARIANCE, from the
+    float64 sums of the means and of their squares over `images` images."""
+    variance = square_sum / images - (mean_sum / images).square()
+    return int((variance > ACTIVE_VARIANCE).sum())
+
+
 @torch.no_grad()
 def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step: int,
              prefix: str = "val") -> dict[str, float]:
@@ -70,8 +77,7 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     metrics = {"val/loss": totals[0] / images_seen, "val/neg_elbo": totals[1] / images_seen,
                "val/kl": totals[2] / images_seen, "val/recon_mse": totals[3] / images_seen,
                "val/psnr": totals[4] / images_seen, "val/images": totals[5]}
-    means, squares = latent[:dims] / images_seen, latent[dims : 2 * dims] / images_seen
-    metrics["val/active_units"] = float(((squares - means.square()) > ACTIVE_VARIANCE).sum())
+    metrics["val/active_units"] = float(active_units(latent[:dims], latent[dims : 2 * dims], images_seen))
     metrics["val/posterior_std"] = latent[-1].item() / images_seen
     metrics["val/decoder_min"], metrics["val/decoder_max"] = extremes[0].item(), -extremes[1].item()
     if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:

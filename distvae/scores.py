@@ -32,7 +32,7 @@ import torch
 
 from distvae.config import Config
 from distvae.errors import UserError
-from distvae.evaluate import ACTIVE_VARIANCE
+from distvae.evaluate import active_units
 from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, negative_elbo
 from distvae.model import ConvVAE
 from distvae.noise import sample_noise
@@ -142,7 +142,6 @@ def evaluate(model: ConvVAE, cfg: Config, batches, iw: int = 1, seed: int = 0, r
     if images == 0:
         raise UserError("the shards hold no images to evaluate")
     mean_of = {key: totals[key].item() / images for key in _SCALARS}
-    variance = totals["mean_squares"] / images - (totals["mean_sum"] / images).square()
     iw_std = math.sqrt(max(mean_of["iw_squares"] - mean_of["iw"] ** 2, 0.0))
     values = model.channels * model.resolution**2
     sigma = decoder_sigma(cfg, values)
@@ -150,7 +149,8 @@ def evaluate(model: ConvVAE, cfg: Config, batches, iw: int = 1, seed: int = 0, r
         "images": images, "iw_samples": iw, "neg_elbo_nats": mean_of["neg_elbo"], "mc_elbo_nats": mean_of["mc_elbo"],
         "iw_nats": mean_of["iw"], "iw_standard_error": iw_std / math.sqrt(images),
         "recon_mse": mean_of["mse"], "psnr": mean_of["psnr"], "ssim": mean_of["ssim"],
-        "kl_per_dim": (totals["kl_dims"] / images).tolist(), "active_units": int((variance > ACTIVE_VARIANCE).sum()),
+        "kl_per_dim": (totals["kl_dims"] / images).tolist(),
+        "active_units": active_units(totals["mean_sum"], totals["mean_squares"], images),
         "latent_dim": model.latent_dim, "decoder_sigma": sigma,
     }
     if sigma is not None:
