@@ -129,12 +129,14 @@ class LossConfig:
     reduction: str = "sum"  # sum = summed over pixels, mean over images; mean = mean over all elements
     kl_weight: float = 1.0  # weight of the KL term (see loss.py for how it scales with reduction and resolution)
     kl_warmup_steps: int = 0  # KL weight rises linearly from 0 over this many optimizer steps
+    free_bits: float = 0.0  # nats: floor on each latent dimension's KL in the objective (loss.py); 0 = off
 
     def __post_init__(self) -> None:
         _choice("loss.recon", self.recon, ("mse", "bce"))
         _choice("loss.reduction", self.reduction, ("sum", "mean"))
         _at_least("loss.kl_weight", self.kl_weight, 0.0)
         _at_least("loss.kl_warmup_steps", self.kl_warmup_steps, 0)
+        _at_least("loss.free_bits", self.free_bits, 0.0)
 
 
 @dataclass
@@ -201,15 +203,24 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    tracker: str = "none"  # wandb | none
+    tracker: str = "none"  # wandb | tensorboard | none
     project: str = "distvae"  # wandb project
     every_steps: int = 50  # scalar logging interval (steps)
     image_every_steps: int = 1000  # sample grid and reconstruction interval (steps); 0 = never
+    # Posterior-collapse warning (latent_health.py): fewer than this share of the latent dimensions active
+    # for collapse_validations validations in a row; 0 = never warn.
+    collapse_share: float = 0.1
+    collapse_validations: int = 2
 
     def __post_init__(self) -> None:
-        _choice("log.tracker", self.tracker, ("wandb", "none"))
+        _choice("log.tracker", self.tracker, ("wandb", "tensorboard", "none"))
         _at_least("log.every_steps", self.every_steps, 1)
         _at_least("log.image_every_steps", self.image_every_steps, 0)
+        _at_least("log.collapse_share", self.collapse_share, 0.0)
+        if self.collapse_share > 1:
+            raise ConfigError(f"log.collapse_share={self.collapse_share} is a share of the latent dimensions: "
+                              f"between 0 (never warn) and 1")
+        _at_least("log.collapse_validations", self.collapse_validations, 1)
 
 
 @dataclass

@@ -13,9 +13,13 @@ Metrics over the validation split, summed on each rank and reduced across ranks:
                     the encoder says little; collapsed dimensions sit at 1)
     val/decoder_min, val/decoder_max  the range of the reconstructions (outside [0, 1]: an unbounded
                     output head; a narrow range around the mean pixel: the decoder draws the average face)
+and, beside the scalars, the KL of each latent dimension in nats per image (Validation.kl_per_dim): the
+tracker gets it as a histogram (val/kl_per_dim) and as a sorted curve (the image kl_per_dim_sorted).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from torchvision.utils import make_grid
 
 from distvae.config import Config
 from distvae.data.stream import ShardStream
-from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, elbo, negative_elbo
+from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, elbo, kl_per_dimension, negative_elbo
 from distvae.model import ConvVAE
 
 ACTIVE_VARIANCE = 0.01  # the usual threshold on the variance of a dimension's posterior mean
@@ -36,9 +40,16 @@ def active_units(mean_sum: torch.Tensor, square_sum: torch.Tensor, images: float
     return int((variance > ACTIVE_VARIANCE).sum())
 
 
+@dataclass
+class Validation:
+    scalars: dict[str, float]  # the metrics above, under their prefix
+    kl_per_dim: np.ndarray  # (latent_dim,) float64: KL of each dimension, nats per image
+    prefix: str = "val"
+
+
 @torch.no_grad()
 def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step: int,
-             prefix: str = "val") -> dict[str, float]:
+             prefix: str = "val") -> Validation:
     """The metrics above under `prefix` ("val" for the live weights, "val_ema" for the EMA)."""
     was_training = model.training
     model.eval()
@@ -46,7 +57,8 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     generator = torch.Generator(device).manual_seed(cfg.run.seed + 1_000_003 * (accelerator.process_index + 1))
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, -elbo, kl, mse, psnr, images
     dims = model.latent_dim
-    latent = torch.zeros(2 * dims + 1, dtype=torch.float64, device=device)  # sum of means, of their squares, of std
+    # Sums of the means, of their squares, of each dimension's KL, and of the mean std per image.
+    latent = torch.zeros(3 * dims + 1, dtype=torch.float64, device=device)
     extremes = torch.tensor([float("inf"), float("inf")], dtype=torch.float64, device=device)  # min, -max
     for index, batch in enumerate(stream):
         if cfg.train.val_batches and index >= cfg.train.val_batches:
@@ -65,7 +77,8 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
                              terms.kl.double() * count, mse.double().sum(), psnr.double().sum(),
                              torch.tensor(count, dtype=torch.float64, device=device)])
         std = torch.exp(0.5 * logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX))
-        latent += torch.cat([mean.double().sum(0), mean.double().square().sum(0), std.double().mean(1).sum()[None]])
+        latent += torch.cat([mean.double().sum(0), mean.double().square().sum(0),
+                             kl_per_dimension(mean, logvar).double().sum(0), std.double().mean(1).sum()[None]])
         recon_range = torch.stack([recon.float().amin(), -recon.float().amax()]).double()
         extremes = torch.minimum(extremes, recon_range)
     sums, latent = accelerator.reduce(sums, reduction="sum"), accelerator.reduce(latent, reduction="sum")
@@ -82,7 +95,9 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     metrics["val/decoder_min"], metrics["val/decoder_max"] = extremes[0].item(), -extremes[1].item()
     if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:
         del metrics["val/neg_elbo"]
-    return {key.replace("val/", f"{prefix}/", 1): value for key, value in metrics.items()}
+    kl_per_dim = (latent[2 * dims : 3 * dims] / images_seen).cpu().numpy()
+    return Validation({key.replace("val/", f"{prefix}/", 1): value for key, value in metrics.items()}, kl_per_dim,
+                      prefix)
 
 
 def to_uint8_grid(images: torch.Tensor, rows: int) -> np.ndarray:

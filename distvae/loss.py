@@ -29,6 +29,19 @@ plus KL; for `mse` the Gaussian decoder whose variance the objective implies, si
 w = loss.kl_weight (sum) or loss.kl_weight * C*H*W (mean), that is SSE / (2 sigma^2) +
 (C*H*W / 2) * log(2 pi sigma^2) + KL. (With 8-bit images on [0, 1] this is a density, not a
 probability: compare it between models at the same resolution, not with discrete likelihoods.)
+
+Free bits
+---------
+`loss.free_bits=LAMBDA` (nats, off at 0) floors the KL of each latent dimension in the objective:
+
+    loss = recon + kl_weight(step) * sum_j max(LAMBDA, mean over the micro-batch of KL_j)
+
+A dimension whose KL is under the floor gets no KL gradient, so the encoder is free to put up to
+LAMBDA nats into it without paying for them (Kingma et al. 2016, "free bits"): the usual remedy for
+posterior collapse. The floor is taken over each rank's micro-batch, so it depends on the batch split
+as BatchNorm does. Only the objective changes: `train/kl`, `val/kl` and `val/neg_elbo` report the true
+KL and the true ELBO, and `train/loss`/`val/loss` are at least kl_weight * D * LAMBDA for a latent of D
+dimensions. (The floored objective is not a bound on the likelihood.)
 """
 
 from __future__ import annotations
@@ -47,15 +60,20 @@ from distvae.model import LOGVAR_MAX, LOGVAR_MIN
 class LossTerms:
     total: torch.Tensor  # the value to minimise (fp32 scalar)
     recon: torch.Tensor  # reconstruction term, as reduced by loss.reduction
-    kl: torch.Tensor  # KL per image, averaged over the batch (unweighted)
+    kl: torch.Tensor  # KL per image, averaged over the batch (unweighted, never floored by free_bits)
     kl_weight: float  # the weight applied to kl at this step
+
+
+def kl_per_dimension(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) of each image and latent dimension, (N, D) in fp32."""
+    mean = mean.float()
+    logvar = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) per image, in fp32."""
-    mean = mean.float()
-    logvar = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
-    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return kl_per_dimension(mean, logvar).sum(dim=1)
 
 
 def reconstruction(recon: torch.Tensor, target: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
@@ -86,9 +104,11 @@ def elbo(
     # Autocast would run BCE and exp() in low precision (and refuses BCE outright on CUDA).
     with torch.autocast(device_type=recon.device.type, enabled=False):
         recon_term = reconstruction(recon, target, cfg.recon, cfg.reduction)
-        kl = kl_divergence(mean, logvar).mean()
+        kl_dims = kl_per_dimension(mean, logvar).mean(dim=0)
+        kl = kl_dims.sum()
+        objective_kl = kl_dims.clamp_min(cfg.free_bits).sum() if cfg.free_bits > 0 else kl
         weight = kl_weight_at(cfg, step)
-        return LossTerms(total=recon_term + weight * kl, recon=recon_term, kl=kl, kl_weight=weight)
+        return LossTerms(total=recon_term + weight * objective_kl, recon=recon_term, kl=kl, kl_weight=weight)
 
 
 def negative_elbo(recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,

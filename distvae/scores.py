@@ -33,7 +33,7 @@ import torch
 from distvae.config import Config
 from distvae.errors import UserError
 from distvae.evaluate import active_units
-from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, negative_elbo
+from distvae.loss import LOGVAR_MAX, LOGVAR_MIN, kl_per_dimension, negative_elbo
 from distvae.model import ConvVAE
 from distvae.noise import sample_noise
 from distvae.quality import FID, fid_note, inception_weights, missing_weights_message, ssim_per_image
@@ -92,7 +92,7 @@ def score_batch(model: ConvVAE, images: torch.Tensor, cond: torch.Tensor | None,
     recon_mean = model.decode(mean, cond).float()
     mse = (recon_mean - images).square().flatten(1).mean(dim=1).double()
     neg = negative_elbo(recon_z[0], images, mean, logvar, cfg.loss)
-    kl_dims = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+    kl_dims = kl_per_dimension(mean, logvar)
     means = mean.double()
     sums = {
         "neg_elbo": neg.double().sum() if neg is not None else torch.tensor(float("nan"), dtype=torch.float64),

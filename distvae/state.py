@@ -45,7 +45,8 @@ SAFE = {
     "train.collective_timeout_s", "train.val_every_steps", "train.val_batches",
     "train.ema_decay", "train.ema_warmup", "train.ema_every_steps",  # the average goes on with the new setting
     "checkpoint.every_steps", "checkpoint.keep_last",
-    "log.tracker", "log.project", "log.every_steps", "log.image_every_steps",
+    "log.tracker", "log.project", "log.every_steps", "log.image_every_steps", "log.collapse_share",
+    "log.collapse_validations",
 }
 AT_A_COST = {"data.global_batch", "train.grad_accum_steps"}  # judged together, as the global batch
 DATA = {"run.seed", "data.crop", "data.hflip", "data.shuffle_block", "data.shuffle_buffer", "loss.*"}

@@ -4,6 +4,8 @@ Everything is decided once here: on ranks other than 0 every method is a no-op, 
 log. The rich progress bar appears only when rank 0's stdout is a terminal; SLURM logs and pipes get
 a plain line every `log.every_steps` instead. wandb runs offline (one log line says so) when no API
 key is configured, writing `RUN_DIR/wandb/offline-run-*`; `wandb sync` uploads it later.
+`log.tracker=tensorboard` writes the same scalars, histograms and images to `RUN_DIR/tensorboard`
+through Accelerate's tracker (`tensorboard --logdir RUN_DIR/tensorboard`); its alerts are text entries.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class RunLog:
             print(line, flush=True)
 
     def start_tracker(self, project: str, run_name: str, run_id: str, config: dict) -> None:
+        if self.tracker == "tensorboard":  # logging_dir/project: RUN_DIR/tensorboard; hparams must be flat
+            self.accelerator.init_trackers("tensorboard", config=flat_hparams(config))
+            return
         if self.tracker != "wandb":
             return
         if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
@@ -113,6 +118,37 @@ class RunLog:
             import wandb  # wandb.Image of uint8 arrays: float arrays are no longer rescaled and come out black
 
             self.accelerator.log({name: wandb.Image(array) for name, array in images.items()}, step=step)
+        elif self.tracker == "tensorboard":
+            self.accelerator.get_tracker("tensorboard").log_images(
+                {name: array[None] for name, array in images.items()}, step=step, dataformats="NHWC")
+
+    def histogram(self, step: int, name: str, values: np.ndarray) -> None:
+        """A distribution over one step (the KL of each latent dimension), in the tracker only."""
+        if not self.enabled or self.tracker == "none":
+            return
+        if self.tracker == "wandb":
+            import wandb
+
+            self.accelerator.log({name: wandb.Histogram(np.asarray(values))}, step=step)
+        else:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_histogram(name, np.asarray(values), global_step=step)
+            writer.flush()
+
+    def alert(self, step: int, title: str, text: str) -> None:
+        """A warning in the log line and, where the tracker has alerts (wandb), an alert; TensorBoard: text."""
+        if not self.enabled:
+            return
+        self.info(f"step {step}/{self.max_steps}  WARNING {text}")
+        if self.tracker == "wandb":
+            import wandb
+
+            self.accelerator.get_tracker("wandb", unwrap=True).alert(title=title, text=text,
+                                                                     level=wandb.AlertLevel.WARN)
+        elif self.tracker == "tensorboard":
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_text("alerts", f"{title}: {text}", global_step=step)
+            writer.flush()
 
     def close(self) -> None:
         if self.progress is not None:
@@ -120,6 +156,17 @@ class RunLog:
             self.progress = None
         if self.tracker != "none":
             self.accelerator.end_training()
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """The config as TensorBoard's hparams take it: dotted keys, values int/float/str/bool."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 class WindowStats:

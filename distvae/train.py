@@ -20,6 +20,7 @@ buffers and the saved model is rank-independent. train.sync_bn=true uses SyncBat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -40,8 +41,9 @@ from distvae.data.shards import resolve_shards
 from distvae.data.stream import ShardStream, describe_crop
 from distvae.ema import EMA, build_ema
 from distvae.errors import UserError
-from distvae.evaluate import reconstruction_pairs, sample_grid, validate
+from distvae.evaluate import Validation, reconstruction_pairs, sample_grid, validate
 from distvae.guards import BufferSnapshot, DataHealth, all_finite
+from distvae.latent_health import CollapseWatch, kl_curve
 from distvae.model import build_model
 from distvae.resume import check_dataset, choose_checkpoint, restore
 from distvae.runlock import LockLost, RunLock
@@ -90,10 +92,14 @@ def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, a
 def start_processes(cfg: Config) -> Accelerator:
     """Without GPUs, DDP over gloo (cpu=True), so any launcher gives real multi-process training."""
     check_launch_environment()
+    if cfg.log.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("log.tracker=tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -e '.[tensorboard]'), or choose log.tracker=wandb|none")
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
-        log_with="wandb" if cfg.log.tracker == "wandb" else None,
+        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
+        project_dir=cfg.run.dir,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True),
                          InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
@@ -246,6 +252,8 @@ class EndOfStep:
         self.window, self.health = WindowStats(accelerator.device), DataHealth(cfg.data.max_bad_fraction,
                                                                                cfg.data.bad_window)
         self.consecutive_bad, self.data_failed, self.lock_problem = 0, False, ""
+        self.collapse = CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_validations, cfg.model.latent_dim,
+                                      from_step=max(cfg.loss.kl_warmup_steps, cfg.train.warmup_steps))
         show = val_stream is not None and accelerator.is_main_process
         self.fixed_val_batch = next(iter(val_stream), None) if show else None  # the same images in every grid
 
@@ -326,14 +334,22 @@ class EndOfStep:
         self.log.scalars(self.state.step, scalars)
 
     def validate(self) -> None:
-        parts, world = self.parts, self.accelerator.num_processes
+        parts, world, step = self.parts, self.accelerator.num_processes, self.state.step
         broadcast_buffers(parts.raw_model, world)
-        self.log.scalars(self.state.step, validate(parts.raw_model, self.val_stream, self.cfg, self.accelerator,
-                                                   self.state.step))
+        live = validate(parts.raw_model, self.val_stream, self.cfg, self.accelerator, step)
+        self.show(live)
+        warning = self.collapse.add(step, live.scalars["val/active_units"], live.scalars["val/kl"])
+        if warning:
+            self.log.alert(step, "posterior collapse", warning)
         if parts.ema is not None:
             parts.ema.copy_buffers(parts.raw_model)
-            self.log.scalars(self.state.step, validate(parts.ema.model, self.val_stream, self.cfg, self.accelerator,
-                                                       self.state.step, prefix="val_ema"))
+            self.show(validate(parts.ema.model, self.val_stream, self.cfg, self.accelerator, step, prefix="val_ema"))
+
+    def show(self, result: Validation) -> None:
+        step, suffix = self.state.step, result.prefix.removeprefix("val")
+        self.log.scalars(step, result.scalars)
+        self.log.histogram(step, f"{result.prefix}/kl_per_dim", result.kl_per_dim)
+        self.log.images(step, {f"kl_per_dim_sorted{suffix}": kl_curve(result.kl_per_dim)})
 
     def save(self) -> Path:
         """A checkpoint of this step from the TrainState and the parts; nothing non-finite is ever written."""
@@ -407,8 +423,6 @@ def image_grids(model, cfg: Config, val_batch, device, suffix: str = "", attribu
         images, cond = val_batch.to(device, cfg.train.channels_last)
         grids[f"reconstructions{suffix}"] = reconstruction_pairs(model, images[:8], None if cond is None else cond[:8])
     return grids
-
-
 
 
 def write_status(run_dir: Path, accelerator: Accelerator, state: str, step: int) -> None:

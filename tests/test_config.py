@@ -55,7 +55,9 @@ def test_reference_config_matches_the_tutorial():
         (["checkpoint.keep_last=1"], "checkpoint.keep_last=1 must be >= 2"),
         (["loss.recon=bce", "model.output=relu"], "loss.recon=bce needs model.output=sigmoid"),
         (["train.lr"], "must look like section.key=value"),
-        (["log.tracker=tensorboard"], "log.tracker='tensorboard' is not allowed"),
+        (["log.tracker=mlflow"], "log.tracker='mlflow' is not allowed; choose one of wandb, tensorboard, none"),
+        (["log.collapse_share=2"], "log.collapse_share=2.0 is a share of the latent dimensions"),
+        (["loss.free_bits=-1"], "loss.free_bits=-1.0 must be >= 0.0"),
     ],
 )
 def test_config_errors_name_the_key(overrides, expected):

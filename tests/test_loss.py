@@ -79,3 +79,28 @@ def test_gradients_flow_through_both_terms():
     logvar = torch.randn(2, 4, requires_grad=True)
     elbo(recon, torch.rand(2, 3, 4, 4), mean, logvar, LossConfig()).total.backward()
     assert recon.grad.abs().sum() > 0 and mean.grad.abs().sum() > 0 and logvar.grad.abs().sum() > 0
+
+
+def test_free_bits_floors_each_dimensions_batch_mean_kl_in_the_objective_only():
+    """Two images, three dimensions, logvar 0 so KL_j = mean_j^2 / 2. Batch means of KL per dimension:
+    dim 0: (2 + 0) / 2 = 1.0, dim 1: (0.125 + 0.125) / 2 = 0.125, dim 2: 0. With a floor of 0.25 nats the
+    objective's KL is 1.0 + 0.25 + 0.25 = 1.5; the reported KL stays 1.125."""
+    x = torch.zeros(2, 1, 2, 2)
+    recon = torch.full((2, 1, 2, 2), 0.5)  # squared error 4 * 0.25 = 1 per image
+    mean = torch.tensor([[2.0, 0.5, 0.0], [0.0, -0.5, 0.0]], requires_grad=True)
+    logvar = torch.zeros(2, 3)
+    plain = elbo(recon, x, mean, logvar, LossConfig(reduction="sum", kl_weight=2.0))
+    floored = elbo(recon, x, mean, logvar, LossConfig(reduction="sum", kl_weight=2.0, free_bits=0.25))
+    assert plain.kl.item() == pytest.approx(1.125) and floored.kl.item() == pytest.approx(1.125)
+    assert plain.total.item() == pytest.approx(1.0 + 2.0 * 1.125)
+    assert floored.total.item() == pytest.approx(1.0 + 2.0 * 1.5)
+    # Under the floor a dimension gets no KL gradient; above it, the plain one: d/dmean of w * mean^2 / (2 * 2).
+    (grad,) = torch.autograd.grad(floored.total, mean)
+    assert torch.allclose(grad, torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    (grad,) = torch.autograd.grad(plain.total, mean)
+    assert torch.allclose(grad, torch.tensor([[2.0, 0.5, 0.0], [0.0, -0.5, 0.0]]))  # the control: floors bite
+
+
+def test_free_bits_must_not_be_negative():
+    with pytest.raises(ValueError, match="loss.free_bits"):
+        LossConfig(free_bits=-0.1)

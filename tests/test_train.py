@@ -306,10 +306,13 @@ def test_wandb_offline_run_holds_scalars_and_images_and_resumes_the_same_id(npy3
     (first,) = (tmp_path / "wandb").glob("offline-run-*")
     run_id = next(first.glob("run-*.wandb")).stem.removeprefix("run-")
     records = next(first.glob("run-*.wandb")).read_bytes()
-    for key in (b"train/loss", b"train/kl", b"train/grad_norm", b"train/images_per_second", b"val/psnr"):
-        assert key in records
+    for key in (b"train/loss", b"train/kl", b"train/grad_norm", b"train/images_per_second", b"val/psnr",
+                b"val/active_units", b"val/posterior_std", b"val/decoder_min", b"val/decoder_max", b"val/kl_per_dim"):
+        assert key in records, key
+    assert b"histogram" in records  # val/kl_per_dim as a wandb.Histogram
     images = list((first / "files" / "media" / "images").glob("*.png"))
-    assert len(images) >= 4  # samples and reconstructions at steps 6 and 12
+    for name in ("samples", "reconstructions", "kl_per_dim_sorted"):  # at steps 6 and 12; the KL curve at 12
+        assert any(image.name.startswith(f"{name}_") for image in images), (name, images)
     assert (tmp_path / "samples" / "samples-step-00000012.png").exists()
     args = [a if not a.startswith("train.max_steps") else "train.max_steps=18" for a in args]
     result = run(command(args), HOME=str(tmp_path))

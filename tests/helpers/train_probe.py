@@ -15,6 +15,8 @@
     PROBE_STOP_AT=CALL       this process sends itself SIGUSR1 during training forward CALL
     PROBE_HANG_AT=RANK:CALL:SECONDS  that rank sleeps SECONDS in training forward CALL (a stuck rank)
     PROBE_SWAP=P1:P2         in epoch 0 the samples at global positions P1 and P2 trade places (a control)
+    PROBE_ZERO_MEAN=1        the encoder's mean head outputs zeros (in training and validation): a latent
+                             that carries nothing, posterior collapse by construction
 """
 
 import hashlib
@@ -137,6 +139,8 @@ def instrumented_init(self, *args, **kwargs):
                 out.write(str(output.dtype))
 
     first_norm.register_forward_pre_hook(before_norm)
+    if os.environ.get("PROBE_ZERO_MEAN"):
+        self.mean_head.register_forward_hook(lambda module, inputs, output: output * 0.0)
     if probe_dir:
         first_conv.register_forward_hook(after_conv)
 
