@@ -67,7 +67,12 @@ class DataConfig:
     # Images per optimizer step, all ranks together; 0 = world_size x batch_size x train.grad_accum_steps.
     # When set, train.grad_accum_steps is derived from it. It alone decides which samples a step trains on.
     global_batch: int = 0
-    num_workers: int = 2  # decoding processes per rank; 0 = decode in the training process
+    # Decoding processes per rank; 0 = decode in the training process; auto = from this rank's cores and the
+    # shard format (data/workers.py): 0 or 1 for pre-resized npy, a core each for JPEG.
+    num_workers: str = "auto"
+    # Training split in memory (data/cache.py): none = read the shards as training goes; host = decoded once
+    # into host memory, each batch one gather; device = into GPU memory (host on CPU). The same batches as none.
+    cache: str = "none"
     # auto = CelebA's 168 px centre crop for 178x218 images, else the centre square of the shorter side;
     # N = a centre N x N crop (torchvision CenterCrop); 0 = the shorter side. Pre-cropped shards are never cropped.
     crop: str = "auto"
@@ -85,7 +90,11 @@ class DataConfig:
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.global_batch", self.global_batch, 0)
         _at_least("data.shuffle_block", self.shuffle_block, 0)
-        _at_least("data.num_workers", self.num_workers, 0)
+        self.num_workers = str(self.num_workers).strip().lower()
+        if self.num_workers != "auto" and not self.num_workers.isdigit():
+            raise ConfigError(f"data.num_workers={self.num_workers!r} must be auto or a number of processes (0 = "
+                              f"decode in the training process)")
+        _choice("data.cache", self.cache, ("none", "host", "device"))
         self.crop = str(self.crop).strip().lower()
         if self.crop != "auto" and not self.crop.isdigit():
             raise ConfigError(f"data.crop={self.crop!r} must be auto or a size in pixels (0 = the shorter side)")
@@ -153,7 +162,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"  # no | bf16 | fp16 autocast; weights stay fp32
     compile: bool = False  # torch.compile the model (slow first step, faster after)
-    channels_last: bool = False  # NHWC memory format for convolutions
+    channels_last: bool = True  # NHWC memory format for convolutions: the layout, not the maths (1.3x on CPU here)
     sync_bn: bool = False  # SyncBatchNorm across ranks instead of per-rank batch statistics
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps (fp16 scaler back-offs do not count)
     collective_timeout_s: float = 1800.0  # a rank waiting this long (seconds) in a collective fails instead of hanging

@@ -37,7 +37,7 @@ FORMAT = 2
 SAFE = {
     "run.dir", "run.name", "run.lock_stale_s",
     "data.train_shards",  # paths may move: the dataset fingerprint decides whether the data is the same
-    "data.val_shards", "data.batch_size", "data.num_workers", "data.max_bad_fraction", "data.bad_window",
+    "data.val_shards", "data.batch_size", "data.num_workers", "data.cache", "data.max_bad_fraction", "data.bad_window",
     "data.read_timeout_s",
     "train.lr", "train.max_steps", "train.warmup_steps", "train.lr_schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",

@@ -39,6 +39,7 @@ from distvae.config import Config, add_config_arguments, config_from_args
 from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
 from distvae.data.stream import ShardStream, describe_crop
+from distvae.data.workers import auto_workers
 from distvae.ema import EMA, build_ema
 from distvae.errors import UserError
 from distvae.evaluate import Validation, reconstruction_pairs, sample_grid, validate
@@ -78,15 +79,33 @@ def accumulation_steps(cfg: Config, world: int) -> int:
                         f"data.batch_size={cfg.data.batch_size}: change data.global_batch or data.batch_size") from None
 
 
-def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, accum: int = 1) -> ShardStream:
-    return ShardStream(
-        resolve_shards(spec, split="train" if train else "val"),
-        batch_size=cfg.data.batch_size, resolution=cfg.model.resolution, channels=cfg.model.channels,
+def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, accum: int = 1,
+                saved_data: dict | None = None) -> tuple[ShardStream, str]:
+    """The stream, and one line on its workers (and its cache) for the log."""
+    shards = resolve_shards(spec, split="train" if train else "val")
+    workers, why = data_workers(cfg, shards, train, saved_data)
+    stream = ShardStream(
+        shards, batch_size=cfg.data.batch_size, resolution=cfg.model.resolution, channels=cfg.model.channels,
         crop=cfg.data.crop, hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=workers,
         train=train, cond_dim=cfg.model.cond_dim, pin_memory=accelerator.device.type == "cuda",
         read_timeout=cfg.data.read_timeout_s, accum=accum, shuffle_block=cfg.data.shuffle_block,
+        cache=cfg.data.cache if train else "none", device=accelerator.device,
     )
+    line = f"data: {workers} data worker(s) per rank" + (f" (data.num_workers=auto: {why})" if why else "")
+    if stream.cache is not None:
+        where = "GPU" if stream.cache.images.device.type == "cuda" else "host"
+        line += (f"; data.cache={cfg.data.cache}: {stream.spec.total:,} images ({stream.cache.nbytes / 2**20:,.0f} "
+                 f"MiB) in {where} memory, read in {stream.cache.seconds:.1f} s")
+    return stream, line
+
+
+def data_workers(cfg: Config, shards, train: bool, saved_data: dict | None) -> tuple[int, str]:
+    if cfg.data.num_workers != "auto":
+        return int(cfg.data.num_workers), ""
+    if train and saved_data and saved_data.get("order") == "sequential":  # its order depends on the count
+        return int(saved_data["workers"]), "the count the checkpoint read its sequential shards with"
+    return auto_workers(shards, cfg.data.cache if train else "none")
 
 
 def start_processes(cfg: Config) -> Accelerator:
@@ -175,8 +194,10 @@ def train(cfg: Config, reset_data: bool = False) -> int:
 
     # Data: each rank reads its own part of the global plan; the loader is not passed through prepare().
     accum = accumulation_steps(cfg, world)
-    stream = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum)
+    stream, data_line = make_stream(cfg, accelerator, cfg.data.train_shards, train=True, accum=accum,
+                                    saved_data=resumed.data if resumed else None)
     log.info(describe_crop(list(stream.spec.shards), cfg.data.crop, cfg.model.resolution))
+    log.info(data_line)
     if cfg.model.cond_dim and accelerator.is_main_process:  # real attribute rows, for sampling after training
         checkpointer.attributes = collect_attributes(cfg.data.train_shards, list(stream.spec.shards),
                                                      cfg.model.cond_dim)
@@ -184,7 +205,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
                        global_batch=stream.spec.global_batch, config=cfg.to_dict())
     if resumed:
         notes += check_dataset(resumed.dataset, state.dataset, reset_data)
-    val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False) if cfg.data.val_shards else None
+    val_stream = make_stream(cfg, accelerator, cfg.data.val_shards, train=False)[0] if cfg.data.val_shards else None
 
     # Model, optimizer, schedule, EMA; then what the checkpoint holds of them.
     parts = build_parts(cfg, accelerator, resumed.schedule if resumed else None)

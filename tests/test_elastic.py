@@ -63,7 +63,7 @@ def test_data_workers_never_change_the_weights(npy32_shards, tmp_path):
     kill_when(killed, command(base_args(npy32_shards, killed, "data.num_workers=0")), checkpoint_at(12), 0.05)
     result = run(command(base_args(npy32_shards, killed, "data.num_workers=2")))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout and "data.num_workers: 0 -> 2" in result.stdout
+    assert "resuming from" in result.stdout and "data.num_workers: '0' -> '2'" in result.stdout, result.stdout
     assert final_weights(killed) == final_weights(tmp_path / "w0")
 
 

@@ -182,6 +182,24 @@ def test_resume_decodes_nothing_it_skips(uneven, monkeypatch):
     assert len(decoded) == 6 * 4
 
 
+def test_workers_live_across_epochs(uneven, monkeypatch):
+    """One DataLoader for the whole run; with 3 workers and 28 batches an epoch, worker turns cross the boundary."""
+    import distvae.data.stream as stream_module
+
+    made = []
+    original = stream_module.DataLoader
+    monkeypatch.setattr(stream_module, "DataLoader", lambda *a, **k: made.append(1) or original(*a, **k))
+    options = dict(batch_size=5, hflip=True)  # 144 // 5 = 28 batches an epoch
+    reference = take(make_stream(uneven, **options), 3 * 28 + 2)
+    assert not made
+    workers = make_stream(uneven, num_workers=3, **options)
+    assert [b.images.tolist() for b in take(workers, 3 * 28 + 2)] == [b.images.tolist() for b in reference]
+    assert len(made) == 1
+    resumed = make_stream(uneven, num_workers=3, **options)  # resumed mid-epoch, then across the boundary
+    resumed.seek(0, 20)
+    assert [b.images.tolist() for b in take(resumed, 40)] == [b.images.tolist() for b in reference[20:60]]
+
+
 def test_condition_vectors(uneven):
     batch = take(make_stream(uneven, cond_dim=4), 1)[0]
     images, cond = batch.to("cpu")
@@ -413,3 +431,17 @@ def test_random_access_equals_sequential_reads_through_cache_evictions(tmp_path)
         assert reader.sample(url, index) == sequential[url, index], (url, index)
     assert len(reader.maps) == 3 and len(reader.indexes) == 5
     reader.close()
+
+
+def test_a_script_that_stops_mid_epoch_exits_with_its_workers_alive(uneven, tmp_path):
+    """Workers ignore SIGTERM; an endless loader left open at exit must not hang the interpreter."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop.py"
+    script.write_text(
+        "from distvae.data.shards import resolve_shards\nfrom distvae.data.stream import ShardStream\n"
+        f"stream = ShardStream(resolve_shards({str(tmp_path / 'uneven' / 'manifest.json')!r}), batch_size=4, "
+        "resolution=4, num_workers=2)\nbatches = iter(stream)\nprint(len([next(batches) for _ in range(3)]))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr[-2000:]

@@ -76,6 +76,21 @@ def _notice_once(spec, kind: str, message: str) -> None:
 # The global plan: local shards, random access
 
 
+def endless_planned_batches(spec, epoch: int, start_sample: int, start_batch: int, physical: int,
+                            workers: int) -> Iterator[dict]:
+    """Epoch after epoch from (epoch, start_sample, start_batch), for workers that live across epochs.
+
+    A DataLoader takes batch g of this endless sequence from worker g % workers, so physical worker p
+    makes every workers-th batch counted from p, across epoch boundaries: in each epoch it starts where
+    the batches taken so far leave it."""
+    taken = 0
+    while True:
+        remaining = spec.rank_batches(start_sample) - start_batch
+        yield from planned_batches(spec, epoch, start_sample, start_batch, (physical - taken) % workers, workers)
+        taken += remaining
+        epoch, start_sample, start_batch = epoch + 1, 0, 0
+
+
 def planned_batches(spec, epoch: int, start_sample: int, start_batch: int, physical: int,
                     workers: int) -> Iterator[dict]:
     """Physical worker `physical` of `workers`: the rank's batches start_batch + physical + k * workers."""
@@ -193,19 +208,30 @@ def _assemble(spec, epoch: int, positions: np.ndarray, samples: list[tuple[dict 
 
 
 def _fill(spec, epoch: int, position: int, sample: dict, shard: Shard, images, cond, slot: int) -> bool:
-    try:
-        crop = 0 if shard.cropped else spec.crop  # 0 on a square image: the whole image
-        notice = lambda text: _notice_once(spec, "crop", text)  # noqa: E731
-        image = decode_sample(sample, spec.resolution, crop, spec.channels, notice)
-        if cond is not None:
-            attrs = json.loads(sample["json"])["attrs"]
-            if len(attrs) != spec.cond_dim:
-                raise ValueError(f"has {len(attrs)} attributes, model.cond_dim is {spec.cond_dim}")
-            cond[slot] = attrs
-    except Exception as error:  # any undecodable sample is replaced, never fatal
-        _report(spec, f"skipping sample {sample.get('__key__')} (epoch {epoch}): {type(error).__name__}: {error}")
+    decoded = decode_one(spec, sample, shard, f"epoch {epoch}")
+    if decoded is None:
         return False
+    image, attrs = decoded
+    if cond is not None:
+        cond[slot] = attrs
     if spec.hflip and spec.train and mix64(spec.seed, epoch, position) & 1:
         image = image[:, ::-1]
     images[slot] = image
     return True
+
+
+def decode_one(spec, sample: dict, shard: Shard, where: str) -> tuple[np.ndarray, list | None] | None:
+    """(uint8 image, attributes or None) of one sample, or None (reported) when it cannot be decoded."""
+    try:
+        crop = 0 if shard.cropped else spec.crop  # 0 on a square image: the whole image
+        notice = lambda text: _notice_once(spec, "crop", text)  # noqa: E731
+        image = decode_sample(sample, spec.resolution, crop, spec.channels, notice)
+        attrs = None
+        if spec.cond_dim:
+            attrs = json.loads(sample["json"])["attrs"]
+            if len(attrs) != spec.cond_dim:
+                raise ValueError(f"has {len(attrs)} attributes, model.cond_dim is {spec.cond_dim}")
+    except Exception as error:  # any undecodable sample is replaced, never fatal
+        _report(spec, f"skipping sample {sample.get('__key__')} ({where}): {type(error).__name__}: {error}")
+        return None
+    return image, attrs

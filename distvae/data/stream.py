@@ -4,6 +4,7 @@
     stream = ShardStream(shards, batch_size=64, resolution=64, seed=0, rank=rank, world_size=world,
                          accum=2, num_workers=4)
     note = stream.load_state_dict(saved)   # continue where a checkpoint left off ("" when exactly)
+    ShardStream(..., cache="host")         # the split decoded once into memory (cache.py): same batches
     for batch in stream:                   # endless: epoch after epoch
         images, cond = batch.to(device)    # float (B, C, H, W) in [0, 1] on the device
         batch.positions, batch.epoch       # each sample's place in the epoch's global order
@@ -13,7 +14,8 @@ t of an epoch is always the same samples in the same places, and in micro-step m
 slice [(m * world_size + r) * batch_size, + batch_size) of it. Only the global batch
 (world_size x batch_size x accum) decides what is trained on: the number of data workers never does,
 and a resume with another world size and per-rank batch at the same global batch continues exactly.
-The position is the sample where the epoch's next global batch starts (`sample_in_epoch`).
+The position is the sample where the epoch's next global batch starts (`sample_in_epoch`). Data
+workers live across epochs: one DataLoader serves the whole run, so an epoch boundary starts no process.
 
 Training on pipe: or http shards (which can only be read front to back) keeps the per-rank order:
 each rank reads a contiguous slice of the epoch's shard sequence, shuffled through a buffer. It is
@@ -27,9 +29,11 @@ replaced by a good sample of its batch and reported; a batch with no readable sa
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,7 +42,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distvae.data.batches import planned_batches, sequential_batches
+from distvae.data.batches import endless_planned_batches, sequential_batches
+from distvae.data.cache import SampleCache, cached_batches
 from distvae.data.decode import CELEBA_CROP, CELEBA_SIZE, IMAGE_EXTS, crop_side
 from distvae.data.plan import GlobalPlan, check_global_batch
 from distvae.data.shards import READ_TIMEOUT, Shard, ShardError, is_seekable, read_samples
@@ -122,6 +127,19 @@ class StreamSpec:
         return begin, end, -(-(end - begin) // self.batch_size)
 
 
+class _EndlessDataset(IterableDataset):
+    """Planned training batches epoch after epoch, for a DataLoader whose workers live across epochs."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, start_sample: int, start_batch: int):
+        self.spec, self.epoch, self.start_sample, self.start_batch = spec, epoch, start_sample, start_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from endless_planned_batches(self.spec, self.epoch, self.start_sample, self.start_batch, physical,
+                                           workers)
+
+
 class _EpochDataset(IterableDataset):
     def __init__(self, spec: StreamSpec, epoch: int, start_sample: int, start_batch: int):
         self.spec, self.epoch, self.start_sample, self.start_batch = spec, epoch, start_sample, start_batch
@@ -132,9 +150,6 @@ class _EpochDataset(IterableDataset):
         physical = info.id if info is not None else 0
         if info is None and workers > 1:
             raise RuntimeError("a multi-worker stream must run under a DataLoader with num_workers workers")
-        if self.spec.planned:  # the DataLoader takes a batch from each worker in turn, from worker 0
-            yield from planned_batches(self.spec, self.epoch, self.start_sample, self.start_batch, physical, workers)
-            return
         # Sequential: after a resume at batch j, physical worker 0 must play the logical worker that made
         # batch j, so the interleaving continues unchanged.
         worker = (physical + self.start_batch) % workers
@@ -217,6 +232,8 @@ class ShardStream:
         read_timeout: float = READ_TIMEOUT,
         accum: int = 1,
         shuffle_block: int = 2**18,
+        cache: str = "none",
+        device: torch.device | str = "cpu",
     ):
         planned = train and all(is_seekable(shard.url) for shard in shards)
         self.spec = StreamSpec(
@@ -236,6 +253,13 @@ class ShardStream:
         self.epoch = 0
         self.start_sample = 0  # planned: where this epoch's first global batch (of this size) started
         self.batch = 0  # batches taken since start_sample
+        self.cache, self._validation_loader = None, None
+        if cache != "none" and train:
+            if not planned:
+                raise UserError(f"data.cache={cache} needs local (seekable) training shards; pipe: and http shards "
+                                f"are read front to back: copy them to local disk, or use data.cache=none")
+            self.cache = SampleCache.build(self.spec, torch.device(device) if cache == "device" else
+                                           torch.device("cpu"), cache)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -304,23 +328,47 @@ class ShardStream:
         return f"{why}: the data continues at the start of epoch {epoch + 1}"
 
     def _epoch(self, epoch: int, start_sample: int, start_batch: int) -> Iterator[Batch]:
+        """One epoch of sequential batches (pipe: and http training shards, validation)."""
         dataset = _EpochDataset(self.spec, epoch, start_sample, start_batch)
         if self.num_workers == 0:
-            batches = iter(dataset)
+            items = iter(dataset)
+        elif not self.spec.train:  # validation runs many times: its workers stay, each pass restarts them
+            if self._validation_loader is None:
+                self._validation_loader = self._loader(dataset, persistent=True)
+            items = iter(self._validation_loader)
         else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, prefetch_factor=4,
-                                      worker_init_fn=_ignore_stop_signals))
-        for item in batches:
-            yield Batch(item["images"], item["cond"], item["bad"], tuple(item["bad_shards"]), item["readable"],
-                        item["positions"], item["epoch"])
+            items = iter(self._loader(dataset))
+        yield from map(_to_batch, items)
+
+    def _endless(self) -> Iterator[Batch]:
+        """Planned training batches from the current position on, epoch after epoch, from one source."""
+        if self.cache is not None:
+            items = cached_batches(self.spec, self.cache, self.epoch, self.start_sample, self.batch)
+        else:
+            dataset = _EndlessDataset(self.spec, self.epoch, self.start_sample, self.batch)
+            items = iter(dataset) if self.num_workers == 0 else iter(self._loader(dataset))
+        if self.num_workers and self.cache is None:
+            _live_loaders.add(items)
+        yield from map(_to_batch, items)
+
+    def _loader(self, dataset, persistent: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          prefetch_factor=4, worker_init_fn=_ignore_stop_signals, persistent_workers=persistent)
 
     def __iter__(self) -> Iterator[Batch]:
         """Endless training batches from the current position; the position advances as batches are taken."""
         if not self.spec.train:
             yield from self._epoch(0, 0, 0)
             return
-        while True:
+        if self.batch >= self.spec.rank_batches(self.start_sample):
+            self.epoch, self.start_sample, self.batch = self.epoch + 1, 0, 0
+        if self.spec.planned:
+            for batch in self._endless():
+                if batch.epoch != self.epoch:
+                    self.epoch, self.start_sample, self.batch = batch.epoch, 0, 0
+                self.batch += 1
+                yield batch
+        while True:  # sequential: a DataLoader per epoch (its logical workers' shares of an epoch differ)
             per_epoch = self.spec.rank_batches(self.start_sample)
             if self.batch >= per_epoch:
                 self.epoch, self.start_sample, self.batch = self.epoch + 1, 0, 0
@@ -330,3 +378,20 @@ class ShardStream:
                 yield batch
             if self.batch < per_epoch:
                 raise RuntimeError(f"epoch {self.epoch} ended after {self.batch} of {per_epoch} batches")
+
+
+# Workers ignore SIGTERM (see _ignore_stop_signals), so multiprocessing's exit handler, which terminates
+# and joins them, would wait forever for an endless loader still open at interpreter exit (a script that
+# stops iterating mid-epoch). Registered after multiprocessing's handler, this one runs first.
+_live_loaders: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_loaders() -> None:
+    for items in list(_live_loaders):
+        items._shutdown_workers()
+
+
+def _to_batch(item: dict) -> Batch:
+    return Batch(item["images"], item["cond"], item["bad"], tuple(item["bad_shards"]), item["readable"],
+                 item["positions"], item["epoch"])

@@ -1,0 +1,160 @@
+"""`data.cache=host|device`: the training split decoded once into memory, each batch one gather by the plan.
+
+    cache = SampleCache.build(spec, torch.device("cuda"))   # uint8 (N, R, R, C), on the GPU
+    for batch in cached_batches(spec, cache, epoch, start_sample, start_batch): ...   # endless
+
+Pre-resized CelebA is small (2.4 GB at 64 px, 9.8 GB at 128), and a GPU trains on 64 px images far
+faster than a dozen cores decode them. Read once, a batch costs one `index_select` of its rows, and
+the horizontal flip runs where the pixels are (on the GPU with `device`). No data worker is needed.
+
+The batches are the stream's, bit for bit: the same plan positions (plan.py), the same decode
+(`batches.decode_one`), the same flip coin and the same rule for a sample that cannot be read (a good
+sample of its batch, chosen by a coin keyed by seed, epoch and position). Resume, coverage and the
+global-batch rules are the stream's, since only where the pixels come from changes. Samples that cannot
+be read are reported once, while the cache is built, and still counted in every batch that meets them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from distvae.data.batches import REPLACE_SALT, decode_one, mix64
+from distvae.data.plan import GlobalPlan
+from distvae.data.shards import ShardError, read_samples
+from distvae.errors import UserError
+
+HEADROOM = 0.8  # the share of free memory a cache may take; the rest is the model's and the system's
+_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def mix64_array(*values) -> np.ndarray:
+    """`batches.mix64` elementwise over uint64 arrays (scalars broadcast): the same coins, vectorised."""
+    with np.errstate(over="ignore"):
+        state = np.full(np.broadcast(*values).shape, _C1, dtype=np.uint64)
+        for value in values:
+            state = (state ^ np.asarray(value).astype(np.int64).astype(np.uint64)) * _C2
+            state = (state ^ (state >> np.uint64(31))) * _C3
+        return state ^ (state >> np.uint64(29))
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as info:
+        fields = dict(line.split(":", 1) for line in info)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def local_ranks() -> int:
+    """Processes of this run on this machine: each holds its own host cache."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+
+
+class SampleCache:
+    def __init__(self, images: torch.Tensor, cond: torch.Tensor | None, good: np.ndarray, offsets: np.ndarray,
+                 seconds: float):
+        self.images, self.cond, self.good, self.offsets, self.seconds = images, cond, good, offsets, seconds
+        self.pinned: list[torch.Tensor] = []  # rotating pinned buffers: a copy in flight never sees its buffer reused
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() + (self.cond.numel() * 4 if self.cond is not None else 0)
+
+    @staticmethod
+    def check_fits(spec, device: torch.device, mode: str) -> None:
+        per_image = spec.resolution * spec.resolution * spec.channels + 4 * spec.cond_dim
+        copies = 1 if device.type == "cuda" else local_ranks()
+        needed, free = spec.total * per_image * copies, available_bytes(device)
+        if needed > HEADROOM * free:
+            where = "GPU memory" if device.type == "cuda" else "host memory"
+            each = f" ({copies} processes on this machine, one copy each)" if copies > 1 else ""
+            raise UserError(f"data.cache={mode} needs {needed / 2**30:.1f} GiB of {where} for {spec.total:,} images "
+                            f"of {spec.resolution}x{spec.resolution}x{spec.channels}{each}, and "
+                            f"{free / 2**30:.1f} GiB is free: use data.cache=none"
+                            + (" or device" if mode == "host" and torch.cuda.is_available() else ""))
+
+    @classmethod
+    def build(cls, spec, device: torch.device, mode: str = "host") -> SampleCache:
+        """Every sample of spec.shards decoded once, in shard order; the shards are read front to back."""
+        cls.check_fits(spec, device, mode)
+        started = time.perf_counter()
+        counts = [shard.samples for shard in spec.shards]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        images = np.zeros((spec.total, spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
+        cond = np.zeros((spec.total, spec.cond_dim), dtype=np.float32) if spec.cond_dim else None
+        good = np.zeros(spec.total, dtype=bool)
+        for number, shard in enumerate(spec.shards):
+            try:
+                for index, sample in read_samples(shard.url, 0, shard.samples):
+                    decoded = decode_one(spec, sample, shard, "while filling data.cache")
+                    if decoded is not None:
+                        row = offsets[number] + index
+                        images[row], good[row] = decoded[0], True
+                        if cond is not None:
+                            cond[row] = decoded[1]
+            except (OSError, ShardError, ValueError) as error:
+                print(f"[distvae data] rank {spec.rank}: shard {shard.url} {error}; its samples after the damage "
+                      f"are replaced by good samples of their batches", flush=True)
+        pixels = torch.from_numpy(images)
+        attributes = None if cond is None else torch.from_numpy(cond)
+        if device.type == "cuda":
+            pixels = pixels.to(device)
+            attributes = None if attributes is None else attributes.to(device)
+        return cls(pixels, attributes, good, offsets, time.perf_counter() - started)
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = torch.from_numpy(rows).to(self.images.device)
+        if self.images.device.type != "cpu" or not torch.cuda.is_available():
+            images = self.images.index_select(0, index)
+        else:  # host cache for a GPU: gather straight into pinned memory for a non-blocking copy
+            shape = (len(rows), *self.images.shape[1:])
+            if not self.pinned or self.pinned[0].shape != shape:
+                self.pinned = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(4)]
+            self.pinned.append(self.pinned.pop(0))
+            images = torch.index_select(self.images, 0, index, out=self.pinned[-1])
+        return images, None if self.cond is None else self.cond.index_select(0, index)
+
+
+def cached_batches(spec, cache: SampleCache, epoch: int, start_sample: int, start_batch: int) -> Iterator[dict]:
+    """The stream's batches from (epoch, start_sample, start_batch) on, epoch after epoch, as batch dicts."""
+    plan = GlobalPlan(tuple(shard.samples for shard in spec.shards), spec.seed, spec.shuffle_block)
+    while True:
+        for batch in range(start_batch, spec.rank_batches(start_sample)):
+            step, micro_step = divmod(batch, spec.accum)
+            positions = plan.rank_positions(step, spec.global_batch, spec.world_size, spec.rank, micro_step,
+                                            spec.batch_size, start_sample)
+            shard_indices, indices = plan.samples(epoch, positions)
+            rows = cache.offsets[shard_indices] + indices
+            yield _gathered(spec, cache, epoch, np.asarray(positions, dtype=np.int64), shard_indices, rows)
+        epoch, start_sample, start_batch = epoch + 1, 0, 0
+
+
+def _gathered(spec, cache: SampleCache, epoch: int, positions: np.ndarray, shard_indices: np.ndarray,
+              rows: np.ndarray) -> dict:
+    images, cond = cache.gather(rows)
+    good = cache.good[rows]
+    if spec.hflip:  # batches._fill's coin; a replaced slot below copies its (already flipped) source
+        flip = (mix64_array(spec.seed, epoch, positions) & np.uint64(1)).astype(bool) & good
+        if flip.any():
+            where = torch.from_numpy(np.flatnonzero(flip)).to(images.device)
+            images[where] = images[where].flip(2)
+    bad_shards: list[str] = []
+    if not good.all():
+        slots = np.flatnonzero(good).tolist()
+        bad_shards = sorted({spec.shards[shard].url for shard in shard_indices[~good].tolist()})
+        for slot in np.flatnonzero(~good).tolist():
+            if not slots:  # `readable` False: the step is skipped, these zeros are never trained on
+                images[slot] = 0
+                continue
+            source = slots[mix64(spec.seed, epoch, int(positions[slot]), REPLACE_SALT) % len(slots)]
+            images[slot] = images[source]
+            if cond is not None:
+                cond[slot] = cond[source]
+    return {"images": images, "cond": cond, "bad": int((~good).sum()), "bad_shards": bad_shards,
+            "readable": bool(good.any()), "positions": torch.from_numpy(positions), "epoch": epoch}
+
