@@ -44,7 +44,8 @@ def kl_curve(kl_per_dim: np.ndarray, width: int = 480, height: int = 240) -> np.
 
     A healthy latent shows a long shoulder of dimensions in use; a collapsed one a few bars and a flat
     zero line (the title says how many dimensions carry more than 0.01 nats)."""
-    values = np.sort(np.asarray(kl_per_dim, dtype=np.float64))[::-1]
+    # Non-finite KL (weights gone bad: the run is about to say so) draws as empty bars, never a crash.
+    values = np.sort(np.nan_to_num(np.asarray(kl_per_dim, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0))[::-1]
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()

@@ -80,7 +80,8 @@ def elastic(request, npy32_shards, tmp_path_factory):
     SIGKILLed after checkpoint 12 and resumed on the other topology."""
     norm = request.param
     root = tmp_path_factory.mktemp(f"elastic-{norm}")
-    fixed = [f"model.norm={norm}", "data.num_workers=0"]
+    # NCHW: channels_last picks other conv kernels, whose rounding differs more between batch splits
+    fixed = [f"model.norm={norm}", "data.num_workers=0", "train.channels_last=false"]
     runs = {}
     for processes in (2, 1):
         runs["reference", processes] = root / f"reference-{processes}"

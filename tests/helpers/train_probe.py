@@ -160,7 +160,8 @@ if os.environ.get("PROBE_POISON_AT"):
         steps["count"] += 1
         if steps["count"] == poison_step:
             with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+                weight = self.param_groups[0]["params"][0]
+                weight[(0,) * weight.dim()] = float("nan")  # in place, whatever the memory format
         return result
 
     torch.optim.AdamW.step = poisoning_step
