@@ -7,6 +7,7 @@
     distvae bench data [--resolution 64] [--json out.json]
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
+    distvae bench step [--device cuda] [--quick]       # the step: bare loop vs distvae loop vs end to end
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
     distvae sample | reconstruct | interpolate | evaluate | export --ckpt RUN_DIR ...   # after training
 """
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
     bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
     bench_data.add_argument("--n", type=int, default=3000, help="synthetic images to make when --source is not given")
+    bench_step = bench_kinds.add_parser("step", help="training images/s: a bare PyTorch loop vs distvae's loop and "
+                                        "its end-to-end run, each in its own process")
+    from distvae.bench.step import add_arguments as step_arguments
+
+    step_arguments(bench_step)
     bench_plan = bench_kinds.add_parser("plan", help="the global data plan at cluster scale, simulated: time, memory")
     bench_plan.add_argument("--samples", type=int, default=10**8, help="samples in the simulated dataset")
     bench_plan.add_argument("--shards", type=int, default=10**5, help="shards they are packed into")
@@ -190,18 +196,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         show_plan(config_from_args(args), args.epoch, args.step, args.world_size, args.rank, args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "plan":
-        from distvae.bench_plan import bench_plan
+        from distvae.bench.plan import bench_plan
 
         bench_plan(samples=args.samples, shards=args.shards, world_size=args.world_size, batch_size=args.batch_size,
                    shuffle_block=args.shuffle_block, json_path=args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "pack":
-        from distvae.bench_pack import bench_pack
+        from distvae.bench.pack import bench_pack
 
         bench_pack(n=args.n, workers=args.workers, resolution=args.resolution, rounds=args.rounds, json_path=args.json)
         return 0
+    if args.command == "bench" and args.bench_kind == "step":
+        from distvae.bench.step import bench_step
+
+        bench_step(args.device, args.rounds, args.steps, args.quick, args.json, args.configs, args.threads)
+        return 0
     if args.command == "bench" and args.bench_kind == "data":
-        from distvae.bench import bench_data
+        from distvae.bench.data import bench_data
 
         bench_data(source=args.source, resolution=args.resolution, seconds=args.seconds, json_path=args.json, n=args.n)
         return 0

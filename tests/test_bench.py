@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from distvae.bench import PATHS, bench_data
+from distvae.bench.data import PATHS, bench_data
 from distvae.errors import UserError
 
 
@@ -57,7 +57,7 @@ def test_bench_cli_meets_the_targets_at_64px(tmp_path):
 
 def test_bench_pack_reports_both_worker_counts_and_their_ratio(tmp_path, capsys):
     """The pack speedup is a benchmark figure, not a test threshold: here only that it is measured and reported."""
-    from distvae.bench_pack import bench_pack
+    from distvae.bench.pack import bench_pack
 
     report = bench_pack(n=60, workers=2, resolution=16, rounds=1, json_path=str(tmp_path / "pack.json"))
     assert json.loads((tmp_path / "pack.json").read_text()) == json.loads(json.dumps(report))
@@ -70,7 +70,7 @@ def test_bench_pack_reports_both_worker_counts_and_their_ratio(tmp_path, capsys)
 
 
 def test_bench_data_reports_batch_diversity_and_random_access(tmp_path, capsys):
-    from distvae.bench_order import batch_diversity
+    from distvae.bench.order import batch_diversity
 
     out = tmp_path / "bench.json"
     bench_data(resolution=32, seconds=1.0, json_path=str(out), n=300, rounds=2)

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from distvae.bench_plan import bench_plan
+from distvae.bench.plan import bench_plan
 from distvae.data.plan import GlobalPlan, check_global_batch, permute
 
 SEED = 20261203

@@ -1,6 +1,6 @@
 """The stall at an epoch boundary: the wait for each epoch's first batch against the steady wait per batch.
 
-    python -m distvae.bench_boundary SHARDS_MANIFEST RESOLUTION WORKERS
+    python -m distvae.bench.boundary SHARDS_MANIFEST RESOLUTION WORKERS
 
 Reads three epochs of the training split at batch 64 with no model (the stream alone, as fast as it
 goes) and prints the first batch's wait, the median wait per batch, and the waits at the two

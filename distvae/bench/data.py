@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distvae.bench_order import access_rates, batch_diversity, order_lines
+from distvae.bench.order import access_rates, batch_diversity, order_lines
 from distvae.config import DataConfig
 from distvae.data.decode import decode_sample
 from distvae.data.shards import Shard, read_samples, resolve_shards
