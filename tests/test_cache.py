@@ -10,8 +10,7 @@ import torch
 from test_stream import add_member, ids_of, image_for, make_stream, npy_bytes, take, write_shards
 
 import distvae.data.cache as cache_module
-from distvae.data.batches import REPLACE_SALT, mix64
-from distvae.data.cache import mix64_array
+from distvae.data.batches import REPLACE_SALT, mix64, mix64_array
 from distvae.data.shards import resolve_shards
 from distvae.errors import UserError
 

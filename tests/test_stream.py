@@ -16,7 +16,7 @@ from PIL import Image
 import distvae.data.batches as batches_module
 from distvae.data.batches import buffer_shuffle
 from distvae.data.decode import decode_sample
-from distvae.data.shards import count_samples, read_samples, resolve_shards
+from distvae.data.shards import SeekableShards, count_samples, read_samples, resolve_shards
 from distvae.data.stream import ShardStream
 from distvae.errors import UserError
 
@@ -173,9 +173,12 @@ def test_resume_is_bit_exact(uneven, num_workers, stop_at):
 
 
 def test_resume_decodes_nothing_it_skips(uneven, monkeypatch):
-    decoded = []
+    decoded = []  # samples decoded one by one, or gathered a batch at a time from fixed-layout npy shards
     monkeypatch.setattr(batches_module, "decode_sample", lambda sample, *a: decoded.append(1) or
                         decode_sample(sample, *a))
+    gather = SeekableShards.gather_npy
+    monkeypatch.setattr(SeekableShards, "gather_npy", lambda self, url, indices, *a: decoded.extend([1] * len(indices))
+                        or gather(self, url, indices, *a))
     stream = make_stream(uneven)
     stream.seek(0, 30)
     take(stream, 6)  # the rest of epoch 0 (36 batches)
@@ -445,3 +448,58 @@ def test_a_script_that_stops_mid_epoch_exits_with_its_workers_alive(uneven, tmp_
         "resolution=4, num_workers=2)\nbatches = iter(stream)\nprint(len([next(batches) for _ in range(3)]))\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr[-2000:]
+
+
+def per_sample_only(monkeypatch) -> None:
+    """Every batch through the per-sample decode: the path fixed-layout npy shards took before batched gathers."""
+    monkeypatch.setattr(SeekableShards, "gather_npy", lambda *args: None)
+
+
+@pytest.mark.parametrize("stop_at", [0, 7])
+def test_gathered_npy_batches_are_the_decoded_ones_flips_damage_and_resume(tmp_path, monkeypatch, stop_at):
+    folder = tmp_path / "mixed"
+    write_shards(folder, [16, 24, 16])
+    second = folder / "toy-train-000001.tar"  # cut short: its last samples are replaced
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2 + 100])
+    shards = resolve_shards(str(folder / "manifest.json"))
+    gathers = []
+    gather = SeekableShards.gather_npy
+    monkeypatch.setattr(SeekableShards, "gather_npy", lambda *args: gathers.append(1) or gather(*args))
+
+    def batches() -> list:
+        stream = make_stream(shards, hflip=True, num_workers=0)
+        stream.seek(0, stop_at)
+        return take(stream, 20 - stop_at)  # 14 batches an epoch: over the boundary
+
+    gathered = batches()
+    assert gathers, "the batched gather was never taken"
+    per_sample_only(monkeypatch)
+    decoded = batches()
+    for index, (a, b) in enumerate(zip(decoded, gathered, strict=True)):
+        assert torch.equal(a.images, b.images), index
+        assert torch.equal(a.positions, b.positions) and a.epoch == b.epoch, index
+        assert (a.bad, a.bad_shards, a.readable) == (b.bad, b.bad_shards, b.readable), index
+    assert sum(b.bad for b in gathered) > 0  # the control: the damage was met
+    flipped = [not torch.equal(b.images[i], torch.from_numpy(image_for(ids_of(b)[i]))) for b in gathered
+               for i in range(len(b.images))]
+    assert any(flipped) and not all(flipped)  # and so were both sides of the flip coin
+
+
+def test_a_shard_of_mixed_npy_layouts_is_decoded_sample_by_sample(tmp_path):
+    folder = tmp_path / "odd"
+    write_shards(folder, [8])
+    path = folder / "toy-train-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:  # sample 3 stored as int16 (refused)
+        for sample_id in range(8):
+            image = image_for(sample_id).astype(np.int16 if sample_id == 3 else np.uint8)
+            add_member(tar, f"{sample_id:08d}.npy", npy_bytes(image))
+    reader = SeekableShards()
+    out = np.zeros((8, RES, RES, 3), dtype=np.uint8)
+    assert reader.gather_npy(str(path), np.arange(8), (RES, RES, 3), out, np.arange(8)) is None
+    batch = take(make_stream(resolve_shards(str(folder / "manifest.json")), num_workers=0), 2)
+    assert sum(b.bad for b in batch) == 1  # the int16 sample is replaced, as decode_sample refuses it
+    write_shards(folder, [8])  # the control: a uniform shard is gathered
+    reader = SeekableShards()
+    present = reader.gather_npy(str(path), np.arange(8), (RES, RES, 3), out, np.arange(8))
+    assert present is not None and present.all() and ids_of(type("B", (), {"images": torch.from_numpy(out)})) == \
+        list(range(8))

@@ -31,6 +31,7 @@ from distvae.data.plan import GlobalPlan
 from distvae.data.shards import SeekableShards, Shard, ShardError, read_samples
 
 REPLACE_SALT = 0x5E91ACE  # keys the choice of the good sample that stands in for a bad one
+_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def buffer_shuffle(length: int, buffer: int, rng: np.random.Generator) -> list[int]:
@@ -58,6 +59,16 @@ def mix64(*values: int) -> int:
     return state ^ (state >> 29)
 
 
+def mix64_array(*values) -> np.ndarray:
+    """`batches.mix64` elementwise over uint64 arrays (scalars broadcast): the same coins, vectorised."""
+    with np.errstate(over="ignore"):
+        state = np.full(np.broadcast(*values).shape, _C1, dtype=np.uint64)
+        for value in values:
+            state = (state ^ np.asarray(value).astype(np.int64).astype(np.uint64)) * _C2
+            state = (state ^ (state >> np.uint64(31))) * _C3
+        return state ^ (state >> np.uint64(29))
+
+
 def _report(spec, message: str) -> None:
     print(f"[distvae data] rank {spec.rank}: {message}", file=sys.stderr, flush=True)
 
@@ -83,30 +94,90 @@ def endless_planned_batches(spec, epoch: int, start_sample: int, start_batch: in
     A DataLoader takes batch g of this endless sequence from worker g % workers, so physical worker p
     makes every workers-th batch counted from p, across epoch boundaries: in each epoch it starts where
     the batches taken so far leave it."""
-    taken = 0
-    while True:
-        remaining = spec.rank_batches(start_sample) - start_batch
-        yield from planned_batches(spec, epoch, start_sample, start_batch, (physical - taken) % workers, workers)
-        taken += remaining
-        epoch, start_sample, start_batch = epoch + 1, 0, 0
+    taken, reader = 0, SeekableShards()  # one reader: shard indexes are kept from epoch to epoch
+    try:
+        while True:
+            remaining = spec.rank_batches(start_sample) - start_batch
+            yield from planned_batches(spec, epoch, start_sample, start_batch, (physical - taken) % workers, workers,
+                                       reader)
+            taken += remaining
+            epoch, start_sample, start_batch = epoch + 1, 0, 0
+    finally:
+        reader.close()
 
 
 def planned_batches(spec, epoch: int, start_sample: int, start_batch: int, physical: int,
-                    workers: int) -> Iterator[dict]:
+                    workers: int, reader: SeekableShards | None = None) -> Iterator[dict]:
     """Physical worker `physical` of `workers`: the rank's batches start_batch + physical + k * workers."""
     plan = GlobalPlan(tuple(shard.samples for shard in spec.shards), spec.seed, spec.shuffle_block)
-    reader = SeekableShards()
+    owned, reader = reader is None, reader or SeekableShards()
     try:
         for batch in range(start_batch + physical, spec.rank_batches(start_sample), workers):
             step, micro_step = divmod(batch, spec.accum)
             positions = plan.rank_positions(step, spec.global_batch, spec.world_size, spec.rank, micro_step,
                                             spec.batch_size, start_sample)
             shard_indices, indices = plan.samples(epoch, positions)
-            samples = [_read_at(spec, reader, spec.shards[shard], int(index))
-                       for shard, index in zip(shard_indices.tolist(), indices.tolist())]
-            yield _assemble(spec, epoch, positions, samples)
+            gathered = None if spec.cond_dim else _gather_npy(spec, reader, epoch, positions, shard_indices, indices)
+            if gathered is None:
+                samples = [_read_at(spec, reader, spec.shards[shard], int(index))
+                           for shard, index in zip(shard_indices.tolist(), indices.tolist())]
+                gathered = _assemble(spec, epoch, positions, samples)
+            yield gathered
     finally:
-        reader.close()
+        if owned:
+            reader.close()
+
+
+def _gather_npy(spec, reader: SeekableShards, epoch: int, positions: np.ndarray, shard_indices: np.ndarray,
+                indices: np.ndarray) -> dict | None:
+    """The batch by one slice a sample when all its shards hold fixed-layout npy pixels, else None.
+
+    The same bytes as decoding each sample (decode._from_array returns such a payload as it is), the
+    same flip coins and the same replacements: only the per-sample tar and npy parsing is gone. A
+    conditional model needs each sample's attributes (JSON), so it takes the per-sample path."""
+    count, shape = len(positions), (spec.resolution, spec.resolution, spec.channels)
+    images, good = np.empty((count, *shape), dtype=np.uint8), np.zeros(count, dtype=bool)
+    for shard in np.unique(shard_indices).tolist():
+        slots = np.flatnonzero(shard_indices == shard)
+        try:
+            present = reader.gather_npy(spec.shards[shard].url, indices[slots], shape, images, slots)
+        except ShardError:
+            present = np.zeros(len(slots), dtype=bool)
+        if present is None:
+            return None
+        if not present.all():  # the per-sample reader names the damage, once
+            _read_at(spec, reader, spec.shards[shard], int(indices[slots[~present][0]]))
+        good[slots] = present
+    return finish_gathered(spec, epoch, np.asarray(positions, dtype=np.int64), shard_indices,
+                           torch.from_numpy(images), None, good)
+
+
+def finish_gathered(spec, epoch: int, positions: np.ndarray, shard_indices: np.ndarray, images: torch.Tensor,
+                    cond: torch.Tensor | None, good: np.ndarray) -> dict:
+    """A gathered batch (pixels as read, `good` where a sample was read) made a batch dict as _assemble makes:
+    good samples flipped by _fill's coin, then each bad slot a copy of a good sample chosen by the same coin."""
+    if spec.hflip and spec.train:
+        flip = (mix64_array(spec.seed, epoch, positions) & np.uint64(1)).astype(bool) & good
+        if images.device.type == "cpu":  # one image at a time: about 4x one batched index-flip-scatter on CPU
+            for slot in np.flatnonzero(flip).tolist():
+                images[slot] = images[slot].flip(1)
+        elif flip.any():
+            where = torch.from_numpy(np.flatnonzero(flip)).to(images.device)
+            images[where] = images[where].flip(2)
+    bad_shards: list[str] = []
+    if not good.all():
+        slots = np.flatnonzero(good).tolist()
+        bad_shards = sorted({spec.shards[shard].url for shard in shard_indices[~good].tolist()})
+        for slot in np.flatnonzero(~good).tolist():
+            if not slots:  # `readable` False: the step is skipped, these zeros are never trained on
+                images[slot] = 0
+                continue
+            source = slots[mix64(spec.seed, epoch, int(positions[slot]), REPLACE_SALT) % len(slots)]
+            images[slot] = images[source]
+            if cond is not None:
+                cond[slot] = cond[source]
+    return {"images": images, "cond": cond, "bad": int((~good).sum()), "bad_shards": bad_shards,
+            "readable": bool(good.any()), "positions": torch.from_numpy(positions), "epoch": epoch}
 
 
 def _read_at(spec, reader: SeekableShards, shard: Shard, index: int) -> tuple[dict | None, Shard]:

@@ -23,23 +23,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from distvae.data.batches import REPLACE_SALT, decode_one, mix64
+from distvae.data.batches import decode_one, finish_gathered
 from distvae.data.plan import GlobalPlan
 from distvae.data.shards import ShardError, read_samples
 from distvae.errors import UserError
 
 HEADROOM = 0.8  # the share of free memory a cache may take; the rest is the model's and the system's
-_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def mix64_array(*values) -> np.ndarray:
-    """`batches.mix64` elementwise over uint64 arrays (scalars broadcast): the same coins, vectorised."""
-    with np.errstate(over="ignore"):
-        state = np.full(np.broadcast(*values).shape, _C1, dtype=np.uint64)
-        for value in values:
-            state = (state ^ np.asarray(value).astype(np.int64).astype(np.uint64)) * _C2
-            state = (state ^ (state >> np.uint64(31))) * _C3
-        return state ^ (state >> np.uint64(29))
 
 
 def available_bytes(device: torch.device) -> int:
@@ -137,24 +126,4 @@ def cached_batches(spec, cache: SampleCache, epoch: int, start_sample: int, star
 def _gathered(spec, cache: SampleCache, epoch: int, positions: np.ndarray, shard_indices: np.ndarray,
               rows: np.ndarray) -> dict:
     images, cond = cache.gather(rows)
-    good = cache.good[rows]
-    if spec.hflip:  # batches._fill's coin; a replaced slot below copies its (already flipped) source
-        flip = (mix64_array(spec.seed, epoch, positions) & np.uint64(1)).astype(bool) & good
-        if flip.any():
-            where = torch.from_numpy(np.flatnonzero(flip)).to(images.device)
-            images[where] = images[where].flip(2)
-    bad_shards: list[str] = []
-    if not good.all():
-        slots = np.flatnonzero(good).tolist()
-        bad_shards = sorted({spec.shards[shard].url for shard in shard_indices[~good].tolist()})
-        for slot in np.flatnonzero(~good).tolist():
-            if not slots:  # `readable` False: the step is skipped, these zeros are never trained on
-                images[slot] = 0
-                continue
-            source = slots[mix64(spec.seed, epoch, int(positions[slot]), REPLACE_SALT) % len(slots)]
-            images[slot] = images[source]
-            if cond is not None:
-                cond[slot] = cond[source]
-    return {"images": images, "cond": cond, "bad": int((~good).sum()), "bad_shards": bad_shards,
-            "readable": bool(good.any()), "positions": torch.from_numpy(positions), "epoch": epoch}
-
+    return finish_gathered(spec, epoch, positions, shard_indices, images, cond, cache.good[rows])

@@ -22,8 +22,10 @@ it does not need (a seek for local files), so resuming mid-epoch never reads wha
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
+import math
 import mmap
 import os
 import re
@@ -379,14 +381,16 @@ class _ShardIndex:
     starts: np.ndarray  # int64 offset of each whole sample's first header
     ends: np.ndarray  # int64 offset just past its last member
     damage: str | None  # why the index stops early, when it does
+    npy: np.ndarray  # int64 (offset, size) of each sample's .npy payload; (-1, 0) where it has none
+    layout: tuple | None | bool = False  # False: not looked at yet; None: not one fixed layout; else see npy_layout
 
 
 def _index(url: str, data) -> _ShardIndex:
     view = _MapView(data, 0)
-    keys, starts, ends, damage = [], [], [], None
+    keys, starts, ends, npy, damage = [], [], [], [], None
     try:
-        for name, _, padded in _members(view):
-            start = view.member_start
+        for name, size, padded in _members(view):
+            start, payload = view.member_start, view.position
             if not view.skip(padded):
                 raise ShardError(f"ends inside member {name} (truncated)")
             match = _KEY.match(name)
@@ -396,13 +400,45 @@ def _index(url: str, data) -> _ShardIndex:
                 keys.append(match.group(1))
                 starts.append(start)
                 ends.append(view.position)
+                npy.append((-1, 0))
             else:
                 ends[-1] = view.position
+            if match.group(2).lower() == "npy":
+                npy[-1] = (payload, size)
     except ShardError as error:
         damage = str(error)
         if keys:  # the last sample may be cut: only whole samples before the damage count
-            starts.pop(), ends.pop()
-    return _ShardIndex(np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), damage)
+            starts.pop(), ends.pop(), npy.pop()
+    return _ShardIndex(np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), damage,
+                       np.asarray(npy, dtype=np.int64).reshape(-1, 2))
+
+
+def _npy_layout(data, index: _ShardIndex) -> tuple[int, tuple[int, ...]] | None:
+    """(header length, shape) when every sample's .npy member is uint8 in C order with one header, else None.
+
+    Pre-resized shards are made so (pack.py): then a sample's pixels sit at a fixed offset in its
+    payload and a batch is gathered with one slice a sample, with no tar or npy parsing per sample.
+    """
+    if not len(index.npy) or (index.npy[:, 0] < 0).any():
+        return None
+    first, size = (int(value) for value in index.npy[0])
+    head = bytes(data[first : first + min(size, 4096)])
+    if head[:6] != b"\x93NUMPY" or len(head) < 10:
+        return None
+    field = 4 if head[6] >= 2 else 2
+    length = 8 + field + int.from_bytes(head[8 : 8 + field], "little")
+    header = head[:length]
+    try:
+        fields = ast.literal_eval(header[8 + field :].decode("latin1").strip())
+    except (ValueError, SyntaxError):
+        return None
+    shape = tuple(fields.get("shape", ()))
+    if fields.get("fortran_order") or np.dtype(fields.get("descr", "O")) != np.uint8 or \
+            (index.npy[:, 1] != length + math.prod(shape)).any():
+        return None
+    if any(bytes(data[offset : offset + length]) != header for offset in index.npy[1:, 0].tolist()):
+        return None
+    return length, shape
 
 
 def _map(url: str):
@@ -462,6 +498,28 @@ class SeekableShards:
             if view.position >= end:
                 break
         return sample
+
+    def gather_npy(self, url: str, indices: np.ndarray, shape: tuple[int, ...], out: np.ndarray,
+                   slots: np.ndarray) -> np.ndarray | None:
+        """Copy the pixels of samples `indices` of a fixed-layout npy shard into out[slots]; a bool array says
+        which were there (False past a damaged end). None when the shard is not one fixed layout of
+        `shape`: the caller decodes its samples one by one instead."""
+        try:
+            data, shard = self._shard(url)
+        except OSError as error:
+            raise ShardError(f"cannot be opened: {error.strerror or error}") from None
+        if shard.layout is False:
+            shard.layout = _npy_layout(data, shard)
+        if shard.layout is None or shard.layout[1] not in (shape, shape[:2] if shape[2:] == (1,) else shape):
+            return None
+        present = indices < len(shard.starts)
+        flat, length, count = np.frombuffer(data, dtype=np.uint8), shard.layout[0], math.prod(shape)
+        try:
+            for slot, offset in zip(slots[present].tolist(), shard.npy[indices[present], 0].tolist()):
+                out[slot] = flat[offset + length : offset + length + count].reshape(shape)
+        finally:
+            del flat  # a live view of a map keeps it from being closed
+        return present
 
     def close(self) -> None:
         for data in self.maps.values():
