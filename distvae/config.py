@@ -164,6 +164,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow first step, faster after)
     channels_last: bool = True  # NHWC memory format for convolutions: the layout, not the maths (1.3x on CPU here)
     sync_bn: bool = False  # SyncBatchNorm across ranks instead of per-rank batch statistics
+    # Deterministic kernels, no TF32, no cudnn.benchmark (backend.py): exact resume on GPUs needs it; slower.
+    deterministic: bool = False
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps (fp16 scaler back-offs do not count)
     collective_timeout_s: float = 1800.0  # a rank waiting this long (seconds) in a collective fails instead of hanging
     val_every_steps: int = 500  # validation interval in steps; 0 = only at the end

@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
 from distvae.attributes import collect as collect_attributes
+from distvae.backend import adamw, apply_flags, prepare_environment
 from distvae.checkpoint import Checkpointer, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args
 from distvae.data.plan import check_global_batch
@@ -111,6 +112,7 @@ def data_workers(cfg: Config, shards, train: bool, saved_data: dict | None) -> t
 def start_processes(cfg: Config) -> Accelerator:
     """Without GPUs, DDP over gloo (cpu=True), so any launcher gives real multi-process training."""
     check_launch_environment()
+    prepare_environment(cfg.train)  # before Accelerator(): no CUDA context may exist yet
     if cfg.log.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise UserError("log.tracker=tensorboard needs the tensorboard package: pip install tensorboard "
                         "(or pip install -e '.[tensorboard]'), or choose log.tracker=wandb|none")
@@ -151,8 +153,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, anchor: dict | None) -> P
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.train)
     schedule = Schedule(cfg, anchor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))  # a lambda: never saved
     # The schedule follows steps, applied or skipped; torch warns when the first step was a skipped one.
@@ -170,6 +171,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, anchor: dict | None) -> P
 
 def train(cfg: Config, reset_data: bool = False) -> int:
     accelerator = start_processes(cfg)
+    kernels = apply_flags(cfg.train, accelerator.device)
     stop = StopFlag()
     stop.install()
     world = accelerator.num_processes
@@ -219,6 +221,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
         log.info(f"starting a new run in {run_dir}: {world} process(es) on {accelerator.device.type}, global batch "
                  f"{stream.spec.global_batch} ({world} x {cfg.data.batch_size} x {accum} micro-batches), "
                  f"{stream.batches_per_epoch // accum} steps per epoch")
+    log.info(f"kernels: {kernels}")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.train.mixed_precision)
     if launcher_precision != cfg.train.mixed_precision:
         log.info(f"the launcher asks for mixed precision {launcher_precision}; the config's "

@@ -6,7 +6,7 @@
     distvae bench step --quick --json out.json          # seconds: the tiny model at 32 px, for the test suite
     distvae bench step --quick
 
-- bare_loop: plain PyTorch. build_model, AdamW, forward under autocast, elbo, backward, clip_grad_norm_,
+- bare_loop: plain PyTorch. build_model, fused AdamW, forward under autocast, elbo, backward, clip_grad_norm_,
   step, zero_grad, on uint8 batches already in memory, converted to float on the device as Batch.to does.
 - distvae_loop: distvae.train.train(cfg) itself (Accelerate, the step's guards and collective, logging every
   LOG_EVERY steps, the checkpoint interval CHECKPOINT_EVERY, no validation), fed the same in-memory batches:
@@ -314,7 +314,7 @@ def bare_loop(cfg, job: dict) -> dict:
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(device=device, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  weight_decay=cfg.train.weight_decay)
+                                  weight_decay=cfg.train.weight_decay, fused=True)  # as train.py's (backend.adamw)
     dtype = {"no": None, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     clip = cfg.train.grad_clip or float("inf")
     model.train()
