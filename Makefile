@@ -46,8 +46,12 @@ train: setup $(SHARDS_DIR)/manifest.json
 	$(VENV)/bin/distvae train --config tiny run.dir=$(RUN_DIR) \
 		data.train_shards=$(SHARDS_DIR)/manifest.json data.val_shards=$(SHARDS_DIR)/manifest.json $(TRAIN_ARGS)
 
+# Every bench side by side (data, step, resume, e2e; about 15 minutes on 2 cores), rewriting the measured
+# section of BENCHMARKS.md. `make bench PEERS=1` adds mosaicml-streaming and litdata (installed here).
+PEERS ?=
 bench: setup
-	$(VENV)/bin/distvae bench data
+	$(if $(PEERS),$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_PINS))
+	$(VENV)/bin/distvae bench all $(if $(PEERS),--peers) --json bench.json
 
 clean:
 	rm -rf runs wandb $(SYNTH_DIR) $(SHARDS_DIR)

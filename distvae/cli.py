@@ -8,6 +8,8 @@
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
     distvae bench step [--device cuda] [--quick]       # the step: bare loop vs distvae loop vs end to end
+    distvae bench resume | e2e [--quick]               # resume late in an epoch; the tutorial loop vs distvae
+    distvae bench all [--peers]                        # all of them; rewrites BENCHMARKS.md (make bench)
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
     distvae sample | reconstruct | interpolate | evaluate | export --ckpt RUN_DIR ...   # after training
 """
@@ -114,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     from distvae.bench.step import add_arguments as step_arguments
 
     step_arguments(bench_step)
+    from distvae.bench import e2e as e2e_bench
+    from distvae.bench import resume as resume_bench
+
+    resume_bench.add_arguments(bench_kinds.add_parser("resume", help="seconds to resume late in an epoch vs reading "
+                                                      "the skipped data"))
+    e2e_bench.add_arguments(bench_kinds.add_parser("e2e", help="the tutorial loop vs distvae train --config "
+                                                   "reference, 10 epochs, pack included"))
+    bench_all = bench_kinds.add_parser("all", help="data, step, resume and e2e in one run; writes BENCHMARKS.md")
+    bench_all.add_argument("--peers", action="store_true", help="also the peer loaders (pip install -e '.[bench]')")
+    bench_all.add_argument("--quick", action="store_true", help="every bench's quick variant (seconds each)")
+    bench_all.add_argument("--json", default=None, help="also write every figure as JSON here")
+    bench_all.add_argument("--markdown", default="BENCHMARKS.md", help="the file whose bench section is rewritten")
     bench_plan = bench_kinds.add_parser("plan", help="the global data plan at cluster scale, simulated: time, memory")
     bench_plan.add_argument("--samples", type=int, default=10**8, help="samples in the simulated dataset")
     bench_plan.add_argument("--shards", type=int, default=10**5, help="shards they are packed into")
@@ -205,6 +219,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from distvae.bench.pack import bench_pack
 
         bench_pack(n=args.n, workers=args.workers, resolution=args.resolution, rounds=args.rounds, json_path=args.json)
+        return 0
+    if args.command == "bench" and args.bench_kind == "resume":
+        from distvae.bench.resume import bench_resume
+
+        bench_resume(args.images, args.copies, args.at, args.rounds, args.quick, args.json)
+        return 0
+    if args.command == "bench" and args.bench_kind == "e2e":
+        from distvae.bench.e2e import bench_e2e
+
+        bench_e2e(args.images, args.epochs, args.rounds, args.quick, args.json)
+        return 0
+    if args.command == "bench" and args.bench_kind == "all":
+        from distvae.bench.report import bench_all
+
+        bench_all(peers=args.peers, quick=args.quick, json_path=args.json, markdown=args.markdown)
         return 0
     if args.command == "bench" and args.bench_kind == "step":
         from distvae.bench.step import bench_step

@@ -72,7 +72,8 @@ class DataConfig:
     num_workers: str = "auto"
     # Training split in memory (data/cache.py): none = read the shards as training goes; host = decoded once
     # into host memory, each batch one gather; device = into GPU memory (host on CPU). The same batches as none.
-    cache: str = "none"
+    # auto = host for local pre-resized npy shards whose copies take under a quarter of the free memory, else none.
+    cache: str = "auto"
     # auto = CelebA's 168 px centre crop for 178x218 images, else the centre square of the shorter side;
     # N = a centre N x N crop (torchvision CenterCrop); 0 = the shorter side. Pre-cropped shards are never cropped.
     crop: str = "auto"
@@ -94,7 +95,7 @@ class DataConfig:
         if self.num_workers != "auto" and not self.num_workers.isdigit():
             raise ConfigError(f"data.num_workers={self.num_workers!r} must be auto or a number of processes (0 = "
                               f"decode in the training process)")
-        _choice("data.cache", self.cache, ("none", "host", "device"))
+        _choice("data.cache", self.cache, ("auto", "none", "host", "device"))
         self.crop = str(self.crop).strip().lower()
         if self.crop != "auto" and not self.crop.isdigit():
             raise ConfigError(f"data.crop={self.crop!r} must be auto or a size in pixels (0 = the shorter side)")

@@ -41,7 +41,8 @@ SAFE = {
     "data.read_timeout_s",
     "train.lr", "train.max_steps", "train.warmup_steps", "train.lr_schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
-    "train.mixed_precision", "train.compile", "train.channels_last", "train.sync_bn", "train.max_bad_steps",
+    "train.mixed_precision", "train.compile", "train.channels_last", "train.sync_bn", "train.deterministic",
+    "train.max_bad_steps",
     "train.collective_timeout_s", "train.val_every_steps", "train.val_batches",
     "train.ema_decay", "train.ema_warmup", "train.ema_every_steps",  # the average goes on with the new setting
     "checkpoint.every_steps", "checkpoint.keep_last",

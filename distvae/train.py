@@ -37,6 +37,7 @@ from distvae.attributes import collect as collect_attributes
 from distvae.backend import adamw, apply_flags, prepare_environment
 from distvae.checkpoint import Checkpointer, load_train_state, write_atomic
 from distvae.config import Config, add_config_arguments, config_from_args
+from distvae.data.cache import choose_cache
 from distvae.data.plan import check_global_batch
 from distvae.data.shards import resolve_shards
 from distvae.data.stream import ShardStream, describe_crop
@@ -84,29 +85,34 @@ def make_stream(cfg: Config, accelerator: Accelerator, spec: str, train: bool, a
                 saved_data: dict | None = None) -> tuple[ShardStream, str]:
     """The stream, and one line on its workers (and its cache) for the log."""
     shards = resolve_shards(spec, split="train" if train else "val")
-    workers, why = data_workers(cfg, shards, train, saved_data)
+    cache, cache_why = cfg.data.cache if train else "none", ""
+    if cache == "auto":
+        cache, cache_why = choose_cache(shards, cfg.model.resolution, cfg.model.channels, cfg.model.cond_dim)
+    workers, why = data_workers(cfg, shards, train, saved_data, cache)
     stream = ShardStream(
         shards, batch_size=cfg.data.batch_size, resolution=cfg.model.resolution, channels=cfg.model.channels,
         crop=cfg.data.crop, hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=workers,
         train=train, cond_dim=cfg.model.cond_dim, pin_memory=accelerator.device.type == "cuda",
         read_timeout=cfg.data.read_timeout_s, accum=accum, shuffle_block=cfg.data.shuffle_block,
-        cache=cfg.data.cache if train else "none", device=accelerator.device,
+        cache=cache, device=accelerator.device,
     )
     line = f"data: {workers} data worker(s) per rank" + (f" (data.num_workers=auto: {why})" if why else "")
     if stream.cache is not None:
         where = "GPU" if stream.cache.images.device.type == "cuda" else "host"
-        line += (f"; data.cache={cfg.data.cache}: {stream.spec.total:,} images ({stream.cache.nbytes / 2**20:,.0f} "
+        line += (f"; data.cache={cache}: {stream.spec.total:,} images ({stream.cache.nbytes / 2**20:,.0f} "
                  f"MiB) in {where} memory, read in {stream.cache.seconds:.1f} s")
+    if cache_why:
+        line += f" (data.cache=auto chose {cache}: {cache_why})"
     return stream, line
 
 
-def data_workers(cfg: Config, shards, train: bool, saved_data: dict | None) -> tuple[int, str]:
+def data_workers(cfg: Config, shards, train: bool, saved_data: dict | None, cache: str) -> tuple[int, str]:
     if cfg.data.num_workers != "auto":
         return int(cfg.data.num_workers), ""
     if train and saved_data and saved_data.get("order") == "sequential":  # its order depends on the count
         return int(saved_data["workers"]), "the count the checkpoint read its sequential shards with"
-    return auto_workers(shards, cfg.data.cache if train else "none")
+    return auto_workers(shards, cache)
 
 
 def start_processes(cfg: Config) -> Accelerator:

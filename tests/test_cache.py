@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from test_stream import add_member, ids_of, image_for, make_stream, npy_bytes, take, write_shards
+from test_stream import RES, add_member, ids_of, image_for, make_stream, npy_bytes, take, write_shards
 
 import distvae.data.cache as cache_module
 from distvae.data.batches import REPLACE_SALT, mix64, mix64_array
@@ -120,17 +120,42 @@ def test_a_run_with_the_host_cache_trains_the_weights_of_a_run_without_it_and_re
     from launching import base_args, checkpoint_at, command, final_weights, kill_when, run
 
     weights = {}
-    for cache in ("none", "host"):
+    for cache in ("none", "host", "auto"):  # auto, the default: these local npy shards fit, so host
         run_dir = tmp_path / cache
         result = run(command(base_args(npy32_shards, run_dir, f"data.cache={cache}", "data.batch_size=64")))
         assert result.returncode == 0, result.stderr[-3000:]
         weights[cache] = final_weights(run_dir)
-        if cache == "host":
+        if cache != "none":
             assert "data.cache=host: 514 images" in result.stdout and "0 data worker(s) per rank" in result.stdout
-    assert weights["host"] == weights["none"]
+    assert "data.cache=auto chose host: local pre-resized shards" in result.stdout
+    assert weights["host"] == weights["none"] == weights["auto"]
     killed = tmp_path / "killed"
     kill_when(killed, command(base_args(npy32_shards, killed, "data.cache=host", "data.batch_size=64")),
               checkpoint_at(12), 0.05)
     result = run(command(base_args(npy32_shards, killed, "data.cache=host", "data.batch_size=64")))
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
     assert final_weights(killed) == weights["none"]
+
+
+def test_auto_caches_local_preresized_shards_that_fit_and_nothing_else(uneven, tmp_path, monkeypatch):
+    from distvae.data.cache import choose_cache
+    from distvae.data.shards import Shard
+
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: 10**9)
+    assert choose_cache(uneven, RES, 3, 0)[0] == "host"
+    needed = 144 * (RES * RES * 3 + 4 * 4)  # 144 samples, 4x4x3 pixels and 4 float attributes
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: needed * 4)  # exactly the share allowed
+    assert choose_cache(uneven, RES, 3, 4)[0] == "host"
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: needed * 4 - 1)
+    mode, why = choose_cache(uneven, RES, 3, 4)
+    assert mode == "none" and "more than 25%" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: two copies
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: needed * 4)
+    assert choose_cache(uneven, RES, 3, 4)[0] == "none"
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: 10**9)
+    assert choose_cache([Shard(f"pipe:cat {uneven[0].url}", uneven[0].samples)], RES, 3, 0)[0] == "none"
+    jpeg = tmp_path / "jpeg.tar"
+    with tarfile.open(jpeg, "w", format=tarfile.USTAR_FORMAT) as tar:
+        add_member(tar, "00000000.jpg", b"\xff\xd8 not decoded here")
+    assert choose_cache([Shard(str(jpeg), 1)], RES, 3, 0) == \
+        ("none", "the shards hold images decoded in training, not pre-resized npy")

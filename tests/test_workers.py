@@ -50,15 +50,15 @@ def test_a_resumed_run_on_sequential_shards_keeps_the_checkpoints_count(npy_shar
     cfg = load_config("tiny", [])
     assert cfg.data.num_workers == "auto"
     saved = {"order": "sequential", "epoch": 0, "batch": 3, "world_size": 1, "batch_size": 4, "workers": 3}
-    assert data_workers(cfg, [Shard("pipe:cat x", 10)], True, saved) == (3, "the count the checkpoint read its "
+    assert data_workers(cfg, [Shard("pipe:cat x", 10)], True, saved, "none") == (3, "the count the checkpoint read its "
                                                                             "sequential shards with")
     planned = {**saved, "order": "global"}
-    assert data_workers(cfg, npy_shards, True, planned)[0] in (0, 1)  # the planned order does not depend on it
-    assert data_workers(load_config("tiny", ["data.num_workers=5"]), npy_shards, True, saved) == (5, "")
+    assert data_workers(cfg, npy_shards, True, planned, "none")[0] in (0, 1)  # the planned order does not depend on it
+    assert data_workers(load_config("tiny", ["data.num_workers=5"]), npy_shards, True, saved, "none") == (5, "")
 
 
 def test_num_workers_is_auto_or_a_count():
     with pytest.raises(ConfigError, match="data.num_workers='some' must be auto or a number of processes"):
         load_config("tiny", ["data.num_workers=some"])
-    with pytest.raises(ConfigError, match="data.cache='disk' is not allowed; choose one of none, host, device"):
+    with pytest.raises(ConfigError, match="data.cache='disk' is not allowed; choose one of auto, none, host, device"):
         load_config("tiny", ["data.cache=disk"])

@@ -228,6 +228,21 @@ def _summarise(figures, ddp_figures, setups, ddp_why, settings) -> dict:
     return report
 
 
+def advice(report: dict, name: str) -> str:
+    """The one change that would help this configuration most, from the figures of this run."""
+    if report["distvae_e2e"][name]["bound"] == "data-bound":
+        return "data.cache=host (pre-resized shards read once into memory: no reading in the step)"
+    bare = report["bare_loop"]
+    for old, new, change in (("_nchw", "_cl", "train.channels_last=true"), ("fp32_", "bf16_",
+                                                                            "train.mixed_precision=bf16")):
+        twin = name.replace(old, new, 1)
+        if twin != name and twin in bare:
+            speedup = bare[twin]["images_per_second"] / bare[name]["images_per_second"]
+            if speedup > 1.05:
+                return f"{change} ({speedup:.2f}x this step in this run)"
+    return "more compute (a GPU) or a smaller model: the model step itself is the bound"
+
+
 def verdict_lines(report: dict) -> list[str]:
     lines = []
     for name, loop in report["distvae_loop"].items():
@@ -238,7 +253,8 @@ def verdict_lines(report: dict) -> list[str]:
                      f"ms per step); target >= {loop['target']:g}x: {'PASS' if loop['pass'] else 'MISS'}")
         lines.append(f"{name}: distvae_e2e {e2e['ratio']:.2f}x bare_loop, {e2e['vs_distvae_loop']:.2f}x distvae_loop: "
                      f"{e2e['bound']} (data wait {e2e['data_wait_share']:.0%} of the step time); target >= "
-                     f"{e2e['target']:g}x: {'PASS' if e2e['pass'] else 'MISS'}")
+                     f"{e2e['target']:g}x: {'PASS' if e2e['pass'] else 'MISS'}; what would help most: "
+                     f"{advice(report, name)}")
     ddp = report["ddp"]
     if "skipped" in ddp:
         lines.append(f"ddp: skipped ({ddp['skipped']})")

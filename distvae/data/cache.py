@@ -29,6 +29,26 @@ from distvae.data.shards import ShardError, read_samples
 from distvae.errors import UserError
 
 HEADROOM = 0.8  # the share of free memory a cache may take; the rest is the model's and the system's
+AUTO_SHARE = 0.25  # data.cache=auto takes no more than this share, leaving room for workers, pinned copies, peers
+
+
+def choose_cache(shards, resolution: int, channels: int, cond_dim: int) -> tuple[str, str]:
+    """data.cache=auto: (host or none, why). Host when the shards are local pre-resized npy (read once, almost
+    for free) and every local rank's copy together takes at most AUTO_SHARE of the free host memory."""
+    from distvae.data.shards import is_seekable
+    from distvae.data.workers import is_preresized
+
+    if not all(is_seekable(shard.url) for shard in shards):
+        return "none", "pipe: or http shards are read front to back"
+    if not is_preresized(shards):
+        return "none", "the shards hold images decoded in training, not pre-resized npy"
+    needed = sum(shard.samples for shard in shards) * (resolution * resolution * channels + 4 * cond_dim)
+    needed *= local_ranks()
+    free = available_bytes(torch.device("cpu"))
+    if needed > AUTO_SHARE * free:
+        return "none", (f"the split would take {needed / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free "
+                        f"(more than {AUTO_SHARE:.0%})")
+    return "host", f"local pre-resized shards, {needed / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free"
 
 
 def available_bytes(device: torch.device) -> int:
