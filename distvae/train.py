@@ -49,6 +49,7 @@ from distvae.guards import BufferSnapshot, DataHealth, all_finite
 from distvae.latent_health import CollapseWatch, kl_curve
 from distvae.model import build_model
 from distvae.resume import check_dataset, choose_checkpoint, restore
+from distvae.rundir_check import check_shared_run_dir
 from distvae.runlock import LockLost, RunLock
 from distvae.runtime import (
     EXIT_FINISHED,
@@ -184,6 +185,7 @@ def train(cfg: Config, reset_data: bool = False) -> int:
 
     # Run directory (held by one run at a time), the checkpoint to resume from, logs and trackers.
     run_dir = Path(cfg.run.dir)
+    check_shared_run_dir(run_dir, accelerator.process_index, world)  # a node-local run.dir stops here, before the lock
     lock, lock_note = hold_run_dir(run_dir, cfg, accelerator)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_last,
                                 accelerator.process_index, accelerator.wait_for_everyone)
