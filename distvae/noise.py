@@ -46,7 +46,7 @@ def _key(seed: int, epoch: int) -> int:
 def sample_noise(seed: int, epoch: int, positions: torch.Tensor, dim: int,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Standard normal (len(positions), dim) float32 on `device`, one row per global position."""
-    positions = positions.to(device=device, dtype=torch.int64)
+    positions = positions.to(device=device, dtype=torch.int64, non_blocking=True)  # pinned: no wait
     rows = _splitmix(positions * _GOLDEN + _key(seed, epoch))  # one stream per sample
     counters = torch.arange(2 * dim, device=positions.device, dtype=torch.int64) * _GOLDEN
     bits = _splitmix(rows[:, None] ^ counters[None, :])

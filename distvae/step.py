@@ -65,11 +65,13 @@ def train_step(model, optimizer, accelerator, batches: Iterator, buffers: Buffer
         bad_shards.update(batch.bad_shards)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
 
-    flags = torch.stack([
-        (~torch.isfinite(sums[0])).float(), (~torch.isfinite(grad_norm)).float(),
-        torch.tensor(float(unreadable), device=device), torch.tensor(float(stop.requested), device=device),
-        torch.tensor(float(lock_lost), device=device), torch.tensor(float(bad_samples), device=device),
-    ])
+    # What the host knows crosses in one copy from page-locked memory: a copy from pageable memory (such as
+    # torch.tensor(x, device="cuda")) makes the host wait for the device each time.
+    known = torch.tensor([float(unreadable), float(stop.requested), float(lock_lost), float(bad_samples)])
+    if device.type == "cuda":
+        known = known.pin_memory()
+    flags = torch.cat([torch.stack([(~torch.isfinite(sums[0])).float(), (~torch.isfinite(grad_norm)).float()]),
+                       known.to(device, non_blocking=True)])
     loss_bad, grad_bad, no_data, any_stop, any_lock_lost, all_bad_samples = \
         accelerator.reduce(flags, reduction="sum").tolist()
     verdict = StepVerdict.decide(loss_bad, grad_bad, no_data, accelerator.scaler is not None)

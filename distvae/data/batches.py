@@ -152,6 +152,15 @@ def _gather_npy(spec, reader: SeekableShards, epoch: int, positions: np.ndarray,
                            torch.from_numpy(images), None, good)
 
 
+def index_on(device: torch.device, rows: np.ndarray) -> torch.Tensor:
+    """int64 rows as a tensor on `device`; to a GPU through page-locked memory, so the host does not wait for it
+    (a copy from pageable memory does)."""
+    index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 def finish_gathered(spec, epoch: int, positions: np.ndarray, shard_indices: np.ndarray, images: torch.Tensor,
                     cond: torch.Tensor | None, good: np.ndarray) -> dict:
     """A gathered batch (pixels as read, `good` where a sample was read) made a batch dict as _assemble makes:
@@ -162,7 +171,7 @@ def finish_gathered(spec, epoch: int, positions: np.ndarray, shard_indices: np.n
             for slot in np.flatnonzero(flip).tolist():
                 images[slot] = images[slot].flip(1)
         elif flip.any():
-            where = torch.from_numpy(np.flatnonzero(flip)).to(images.device)
+            where = index_on(images.device, np.flatnonzero(flip))
             images[where] = images[where].flip(2)
     bad_shards: list[str] = []
     if not good.all():

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from distvae.data.batches import decode_one, finish_gathered
+from distvae.data.batches import decode_one, finish_gathered, index_on
 from distvae.data.plan import GlobalPlan
 from distvae.data.shards import ShardError, read_samples
 from distvae.errors import UserError
@@ -117,7 +117,7 @@ class SampleCache:
         return cls(pixels, attributes, good, offsets, time.perf_counter() - started)
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        index = torch.from_numpy(rows).to(self.images.device)
+        index = index_on(self.images.device, rows)
         if self.images.device.type != "cpu" or not torch.cuda.is_available():
             images = self.images.index_select(0, index)
         else:  # host cache for a GPU: gather straight into pinned memory for a non-blocking copy

@@ -30,6 +30,7 @@ replaced by a good sample of its batch and reported; a batch with no readable sa
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import io
 import json
 import signal
@@ -59,6 +60,16 @@ class Batch:
     readable: bool = True  # False: no sample of this batch could be read (its pixels are zeros: do not train on it)
     positions: torch.Tensor | None = None  # int64 (B,): each sample's position in the epoch's order
     epoch: int = 0
+
+    def pin_memory(self) -> Batch:
+        """The CPU tensors in page-locked memory, so their copies to a GPU do not make the host wait (the
+        DataLoader calls this with pin_memory=True; the stream itself when it reads in the main process)."""
+        def pin(tensor):
+            if tensor is None or tensor.device.type != "cpu" or tensor.is_pinned():
+                return tensor
+            return tensor.pin_memory()
+
+        return dataclasses.replace(self, images=pin(self.images), cond=pin(self.cond), positions=pin(self.positions))
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Float images (B, C, H, W) in [0, 1] on the device; uint8 crosses the bus, 4x less than float."""
@@ -338,7 +349,7 @@ class ShardStream:
             items = iter(self._validation_loader)
         else:
             items = iter(self._loader(dataset))
-        yield from map(_to_batch, items)
+        yield from map(self._to_batch, items)
 
     def _endless(self) -> Iterator[Batch]:
         """Planned training batches from the current position on, epoch after epoch, from one source."""
@@ -349,7 +360,11 @@ class ShardStream:
             items = iter(dataset) if self.num_workers == 0 else iter(self._loader(dataset))
         if self.num_workers and self.cache is None:
             _live_loaders.add(items)
-        yield from map(_to_batch, items)
+        yield from map(self._to_batch, items)
+
+    def _to_batch(self, item: dict) -> Batch:
+        batch = _to_batch(item)
+        return batch.pin_memory() if self.pin_memory else batch  # a DataLoader has pinned it already: kept as is
 
     def _loader(self, dataset, persistent: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
