@@ -13,7 +13,7 @@ SYNTH_N ?= 6000
 SHARDS_DIR ?= shards/synth
 TRAIN_ARGS ?=
 
-.PHONY: setup test test-fast lint train bench clean
+.PHONY: setup test test-fast lint train bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ PEERS ?=
 bench: setup
 	$(if $(PEERS),$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_PINS))
 	$(VENV)/bin/distvae bench all $(if $(PEERS),--peers) --json bench.json
+
+# The GPU tests and the step benchmarks on this machine's CUDA device (about 5 minutes on one GPU); one line
+# and nothing else without a GPU. A machine with its own CUDA torch: make gpu-check NO_SETUP=1 PY=python3
+NO_SETUP ?=
+GPU_CHECK_OUT ?= gpu-check
+gpu-check: $(if $(NO_SETUP),,setup)
+	$(PY) -m distvae.bench.gpucheck --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs wandb $(SYNTH_DIR) $(SHARDS_DIR)

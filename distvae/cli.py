@@ -8,6 +8,7 @@
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
     distvae bench step [--device cuda] [--quick]       # the step: bare loop vs distvae loop vs end to end
+    distvae bench sync [--device cuda] [--quick]       # the step's wait for the device: host vs device decision
     distvae bench resume | e2e [--quick]               # resume late in an epoch; the tutorial loop vs distvae
     distvae bench all [--peers]                        # all of them; rewrites BENCHMARKS.md (make bench)
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     from distvae.bench.step import add_arguments as step_arguments
 
     step_arguments(bench_step)
+    from distvae.bench.sync import add_arguments as sync_arguments
+
+    sync_arguments(bench_kinds.add_parser("sync", help="what the step's wait for the device costs: guards decided on "
+                                          "the host vs on the device vs none"))
     from distvae.bench import e2e as e2e_bench
     from distvae.bench import resume as resume_bench
 
@@ -238,7 +243,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "bench" and args.bench_kind == "step":
         from distvae.bench.step import bench_step
 
-        bench_step(args.device, args.rounds, args.steps, args.quick, args.json, args.configs, args.threads)
+        bench_step(args.device, args.rounds, args.steps, args.quick, args.json, args.configs, args.threads,
+                   args.batch, args.e2e_cache)
+        return 0
+    if args.command == "bench" and args.bench_kind == "sync":
+        from distvae.bench.sync import bench_sync
+
+        bench_sync(args.device, args.resolution, args.batch, args.precision, True, args.steps, args.rounds, args.quick,
+                   args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "data":
         from distvae.bench.data import bench_data

@@ -35,6 +35,29 @@ class BufferSnapshot:
             for saved, buffer in zip(self.saved, self.buffers):
                 buffer.copy_(saved)
 
+    def restore_where(self, bad: torch.Tensor) -> None:
+        """restore() when the 0-d tensor `bad` is nonzero, decided on the device: no wait for it."""
+        keep_saved = bad.bool()
+        with torch.no_grad():
+            for saved, buffer in zip(self.saved, self.buffers):
+                buffer.copy_(torch.where(keep_saved, saved, buffer))
+
+
+def step_unless(optimizer, bad: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device when the float32 0-d tensor `bad` is 1.0.
+
+    Fused AdamW reads it as the `found_inf` that GradScaler hands fused optimizers: at 1.0 the kernel
+    leaves parameters and moments untouched and the step counts are put back, with no wait for the device.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    if not all(group.get("fused") for group in inner.param_groups):
+        raise ValueError("step_unless needs a fused optimizer (backend.adamw): only fused kernels read found_inf")
+    inner.found_inf = bad
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
 
 def all_finite(tensors) -> bool:
     """True when every floating-point tensor holds only finite values (one wait for the device)."""

@@ -83,7 +83,7 @@ QUICK = [Setup("tiny", 32, "no", True)]
 
 def bench_step(device: str = "cpu", rounds: int | None = None, steps: int | None = None, quick: bool = False,
                json_path: str | None = None, configs: str | None = None, threads: int = 1,
-               batch: int | None = None) -> dict:
+               batch: int | None = None, e2e_cache: str | None = None) -> dict:
     """Measure, print a table and a verdict per configuration, optionally write JSON; returns the JSON object."""
     from distvae.errors import UserError
 
@@ -107,7 +107,7 @@ def bench_step(device: str = "cpu", rounds: int | None = None, steps: int | None
             for setup in setups:
                 for way in WAYS[round_ % 3:] + WAYS[:round_ % 3]:
                     job = _job(setup, way, manifests[setup.resolution], Path(tmp), round_, steps, warmup, batch,
-                               threads, device)
+                               threads, device, e2e_cache=e2e_cache)
                     figures[way][setup.name].append(_launch(job, 1, Path(tmp), device)[0])
             if not ddp_why:
                 modes = list(ddp_figures) if round_ % 2 == 0 else list(ddp_figures)[::-1]
@@ -117,7 +117,8 @@ def bench_step(device: str = "cpu", rounds: int | None = None, steps: int | None
                     ddp_figures[mode].append(_launch(job, 2, Path(tmp), device))
             print(f"round {round_ + 1}/{rounds} done at {time.perf_counter() - started:.0f} s", flush=True)
     report = _summarise(figures, ddp_figures, setups, ddp_why, dict(device=device, rounds=rounds, steps=steps,
-                        warmup=warmup, batch=batch, threads=threads, quick=quick))
+                        warmup=warmup, batch=batch, threads=threads, quick=quick,
+                        e2e_cache=e2e_cache or "the config's (auto)"))
     _print_report(report)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -153,12 +154,14 @@ def _pack(tmp: Path, resolutions: list[int], images: int) -> dict[int, str]:
 
 
 def _job(setup: Setup, way: str, manifest: str, tmp: Path, round_: int, steps: int, warmup: int, batch: int,
-         threads: int, device: str, ddp: str = "") -> dict:
+         threads: int, device: str, ddp: str = "", e2e_cache: str | None = None) -> dict:
     tag = f"{setup.name}-{way}-{ddp or 'single'}-{round_}"
     overrides = [*setup.overrides(), f"data.batch_size={batch}", f"data.train_shards={manifest}", "data.val_shards=",
                  f"run.dir={tmp / 'runs' / tag}", "log.tracker=none", f"log.every_steps={LOG_EVERY}",
                  "log.image_every_steps=0", f"checkpoint.every_steps={CHECKPOINT_EVERY}",
                  f"train.max_steps={warmup + steps}", "train.warmup_steps=0", "train.val_every_steps=0"]
+    if way == "distvae_e2e" and e2e_cache:
+        overrides.append(f"data.cache={e2e_cache}")
     return {"way": way, "config": setup.config, "overrides": overrides, "warmup": warmup, "steps": steps,
             "threads": threads, "device": device, "ddp": ddp, "out": str(tmp / "results" / tag)}
 
@@ -240,6 +243,9 @@ def advice(report: dict, name: str) -> str:
             speedup = bare[twin]["images_per_second"] / bare[name]["images_per_second"]
             if speedup > 1.05:
                 return f"{change} ({speedup:.2f}x this step in this run)"
+    if report.get("machine", {}).get("device") == "cuda":  # measured on an H200: 64 and 128 px took the same time
+        return ("a larger data.batch_size or train.compile=true: a step of a model this small on a GPU is bound by "
+                "the host launching its kernels")
     return "more compute (a GPU) or a smaller model: the model step itself is the bound"
 
 
@@ -290,14 +296,15 @@ def _print_report(report: dict) -> None:
 # ----------------------------------------------------------------------------------------------- the worker
 
 
-def memory_batches(cfg, rank: int = 0, world: int = 1) -> list:
-    """MEMORY_BATCHES of this rank's training batches, decoded once: uint8 in host memory."""
+def memory_batches(cfg, rank: int = 0, world: int = 1, pin: bool = False) -> list:
+    """MEMORY_BATCHES of this rank's training batches, decoded once: uint8 in host memory (page-locked with pin,
+    as the trainer's stream hands them to a GPU)."""
     from distvae.data.shards import resolve_shards
     from distvae.data.stream import ShardStream
 
     stream = ShardStream(resolve_shards(cfg.data.train_shards, split="train"), batch_size=cfg.data.batch_size,
                          resolution=cfg.model.resolution, channels=cfg.model.channels, seed=cfg.run.seed, rank=rank,
-                         world_size=world, cond_dim=cfg.model.cond_dim, num_workers=0)
+                         world_size=world, cond_dim=cfg.model.cond_dim, num_workers=0, pin_memory=pin)
     return list(itertools.islice(iter(stream), MEMORY_BATCHES))
 
 
@@ -325,7 +332,7 @@ def bare_loop(cfg, job: dict) -> dict:
     from distvae.model import build_model
 
     device = torch.device(job["device"])
-    batches = memory_batches(cfg)
+    batches = memory_batches(cfg, pin=device.type == "cuda")
     torch.manual_seed(cfg.run.seed)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(device=device, memory_format=layout)
@@ -377,7 +384,7 @@ def distvae_loop(cfg, job: dict) -> dict:
 
     trainer.train_step = timed_step
     if job["way"] == "distvae_loop":
-        batches = memory_batches(cfg, rank, world)
+        batches = memory_batches(cfg, rank, world, pin=job["device"] == "cuda")
         trainer.make_stream = memory_stream
     code = trainer.train(cfg)
     ended = time.perf_counter()
@@ -414,6 +421,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20; --quick 4)")
     parser.add_argument("--configs", default=None, help="comma list such as fp32_64px_cl,bf16_128px_nchw, or all")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every training process")
+    parser.add_argument("--batch", type=int, default=None, help="images per process and step (default 64; --quick 16)")
+    parser.add_argument("--e2e-cache", default=None, choices=("auto", "none", "host", "device"),
+                        help="data.cache of distvae_e2e (default: the config's, auto)")
     parser.add_argument("--quick", action="store_true", help="the tiny model at 32 px, 2 rounds: seconds, for tests")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
 
@@ -426,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distvae.bench.step", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    bench_step(args.device, args.rounds, args.steps, args.quick, args.json, args.configs, args.threads)
+    bench_step(args.device, args.rounds, args.steps, args.quick, args.json, args.configs, args.threads, args.batch,
+               args.e2e_cache)
     return 0
 
 
