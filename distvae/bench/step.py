@@ -13,6 +13,8 @@
   in its process distvae.train.make_stream is replaced by one whose stream serves them.
 - distvae_e2e: distvae.train.train(cfg) with the config's data defaults, on pre-resized npy shards packed once
   from a synthetic set: the real stream, its workers (data.num_workers=auto) and all.
+- bare_train (not timed; tests/test_parity.py, issue 10's quality parity): the bare loop's step trained on the
+  trainer's own batches, noise and lr schedule for train.max_steps steps, then validated as the trainer validates.
 
 The model is the reference (tutorial) config at model.resolution 64 or 128; configurations cross fp32/bf16,
 64/128 px and channels_last on/off (names like bf16_128px_cl). The distvae ways are timed by wrapping
@@ -55,6 +57,7 @@ DATA_BOUND = 0.95  # e2e under this share of the in-memory loop's rate: reading 
 WARMUP, QUICK_WARMUP = 3, 2  # untimed first steps: allocator, autocast caches, first log line
 LOG_EVERY, CHECKPOINT_EVERY = 10, 1000
 MEMORY_BATCHES = 8  # distinct batches the in-memory ways cycle through
+PRECISIONS = {"no": None, "bf16": torch.bfloat16}  # train.mixed_precision -> autocast dtype of the bare loop
 
 
 @dataclass(frozen=True)
@@ -296,16 +299,25 @@ def _print_report(report: dict) -> None:
 # ----------------------------------------------------------------------------------------------- the worker
 
 
-def memory_batches(cfg, rank: int = 0, world: int = 1, pin: bool = False) -> list:
-    """MEMORY_BATCHES of this rank's training batches, decoded once: uint8 in host memory (page-locked with pin,
-    as the trainer's stream hands them to a GPU)."""
+def trainer_stream(cfg, spec: str, train: bool = True, rank: int = 0, world: int = 1, pin: bool = False):
+    """A ShardStream as distvae.train.make_stream builds it (same shards, split, batch, crop, flips, seed and
+    shuffle), read in this process with no data cache: the planned order depends on neither, so it yields the
+    trainer's batches in the trainer's order (validation: every sample once, in order)."""
     from distvae.data.shards import resolve_shards
     from distvae.data.stream import ShardStream
 
-    stream = ShardStream(resolve_shards(cfg.data.train_shards, split="train"), batch_size=cfg.data.batch_size,
-                         resolution=cfg.model.resolution, channels=cfg.model.channels, seed=cfg.run.seed, rank=rank,
-                         world_size=world, cond_dim=cfg.model.cond_dim, num_workers=0, pin_memory=pin)
-    return list(itertools.islice(iter(stream), MEMORY_BATCHES))
+    return ShardStream(resolve_shards(spec, split="train" if train else "val"), batch_size=cfg.data.batch_size,
+                       resolution=cfg.model.resolution, channels=cfg.model.channels, crop=cfg.data.crop,
+                       hflip=cfg.data.hflip, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed, rank=rank,
+                       world_size=world, num_workers=0, train=train, cond_dim=cfg.model.cond_dim, pin_memory=pin,
+                       shuffle_block=cfg.data.shuffle_block)
+
+
+def memory_batches(cfg, rank: int = 0, world: int = 1, pin: bool = False) -> list:
+    """MEMORY_BATCHES of this rank's training batches, decoded once: uint8 in host memory (page-locked with pin,
+    as the trainer's stream hands them to a GPU)."""
+    return list(itertools.islice(iter(trainer_stream(cfg, cfg.data.train_shards, True, rank, world, pin)),
+                                 MEMORY_BATCHES))
 
 
 class MemoryStream:
@@ -327,38 +339,94 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(cfg, job: dict) -> dict:
-    from distvae.loss import elbo
+def bare_model(cfg, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model as the trainer builds it (seeded, then its layout) and fused AdamW (as backend.adamw)."""
     from distvae.model import build_model
 
-    device = torch.device(job["device"])
-    batches = memory_batches(cfg, pin=device.type == "cuda")
     torch.manual_seed(cfg.run.seed)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(device=device, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  weight_decay=cfg.train.weight_decay, fused=True)  # as train.py's (backend.adamw)
-    dtype = {"no": None, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    clip = cfg.train.grad_clip or float("inf")
+                                  weight_decay=cfg.train.weight_decay, fused=True)
+    return model, optimizer
+
+
+def bare_step(model, optimizer, images: torch.Tensor, cond, eps, cfg, step: int) -> None:
+    """One plain PyTorch step: forward under autocast, elbo, backward, clip_grad_norm_, step, zero_grad.
+    eps None: the model draws the reparameterisation noise from torch's global generator."""
+    from distvae.loss import elbo
+
+    dtype = PRECISIONS[cfg.train.mixed_precision]
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        recon, mean, logvar = model(images, cond, eps)
+    elbo(recon, images, mean, logvar, cfg.loss, step).total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bare_loop(cfg, job: dict) -> dict:
+    device = torch.device(job["device"])
+    batches = memory_batches(cfg, pin=device.type == "cuda")
+    model, optimizer = bare_model(cfg, device)
     model.train()
     for step in range(job["warmup"] + job["steps"]):
         if step == job["warmup"]:
             _sync(device)
             started = time.perf_counter()
-        batch = batches[step % len(batches)]
-        images = batch.images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        images = images.contiguous(memory_format=layout)
-        cond = batch.cond.to(device) if batch.cond is not None else None
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            recon, mean, logvar = model(images, cond)
-        elbo(recon, images, mean, logvar, cfg.loss, step).total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        images, cond = batches[step % len(batches)].to(device, cfg.train.channels_last)
+        bare_step(model, optimizer, images, cond, None, cfg, step)
     _sync(device)
     seconds = time.perf_counter() - started
     return {"images_per_second": job["steps"] * cfg.data.batch_size / seconds,
             "ms_per_step": 1000 * seconds / job["steps"]}
+
+
+class OneProcess:
+    """What evaluate.validate asks of an Accelerator, for one plain process: the device, autocast, reduce."""
+
+    process_index, num_processes = 0, 1
+
+    def __init__(self, device: torch.device, mixed_precision: str):
+        self.device, self.dtype = device, PRECISIONS[mixed_precision]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+
+def bare_train(cfg, device: str = "cpu") -> tuple[dict[str, float], torch.nn.Module]:
+    """The bare loop trained as distvae/train.py trains cfg, for the quality-parity check (tests/test_parity.py).
+
+    The same batches in the same order (the trainer's stream over the training split, with the run's seed), the
+    same reparameterisation noise (sample_noise keyed by seed, epoch and position), the same lr at every step
+    (state.Schedule: warm-up, then constant or cosine), train.max_steps steps; then the trainer's validation
+    (evaluate.validate) of the final weights over the validation split. One process and one micro-batch per
+    step; no skip guard, no EMA, no checkpoints. Returns the validation metrics (val/loss, ...) and the model.
+    """
+    from distvae.evaluate import validate
+    from distvae.noise import sample_noise
+    from distvae.state import Schedule
+
+    if cfg.train.grad_accum_steps != 1 or cfg.data.global_batch not in (0, cfg.data.batch_size):
+        raise ValueError("bare_train runs one micro-batch per step: set train.grad_accum_steps=1, data.global_batch=0")
+    device = torch.device(device)
+    model, optimizer = bare_model(cfg, device)
+    schedule = Schedule(cfg)
+    batches = iter(trainer_stream(cfg, cfg.data.train_shards, pin=device.type == "cuda"))
+    model.train()
+    for step in range(cfg.train.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * schedule(step)  # what the trainer's LambdaLR sets
+        batch = next(batches)
+        images, cond = batch.to(device, cfg.train.channels_last)
+        eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_dim, device)
+        bare_step(model, optimizer, images, cond, eps, cfg, step)
+    val_stream = trainer_stream(cfg, cfg.data.val_shards, train=False)
+    host = OneProcess(device, cfg.train.mixed_precision)
+    return validate(model, val_stream, cfg, host, cfg.train.max_steps).scalars, model
 
 
 def distvae_loop(cfg, job: dict) -> dict:
@@ -404,7 +472,11 @@ def worker(job: dict) -> None:
 
     torch.set_num_threads(job["threads"])
     cfg = load_config(job["config"], job["overrides"])
-    figures = (bare_loop if job["way"] == "bare_loop" else distvae_loop)(cfg, job)
+    if job["way"] == "bare_train":  # the quality-parity run: validation metrics and final weights, not speed
+        figures, model = bare_train(cfg, job["device"])
+        _save_weights(model, Path(job["out"]) / "model.safetensors")
+    else:
+        figures = (bare_loop if job["way"] == "bare_loop" else distvae_loop)(cfg, job)
     figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     figures["threads"] = torch.get_num_threads()
     if not all(math.isfinite(value) for value in figures.values()):
@@ -412,6 +484,14 @@ def worker(job: dict) -> None:
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(figures))
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """As the trainer's checkpoints store them (checkpoint.py): contiguous CPU tensors in safetensors."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
