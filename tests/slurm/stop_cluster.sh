@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Stop the cluster that tests/slurm/start_cluster.sh started in DIR: cancel its jobs, shut its
-# daemons down. Signals only the processes named in DIR/pids (checked against their program name)
-# and job processes left behind by this cluster's slurmd; never anything found by name alone.
-# Safe to run when nothing runs. `--purge` also deletes DIR.
+# daemons down, and for a multi-node cluster end every process left in its network namespaces and
+# delete them (their links and bridge go with them). Signals only the processes named in DIR/pids
+# (checked against their program name), job processes left behind by this cluster's slurmd, and
+# processes inside the namespaces listed in DIR/netns; never anything found by name alone.
+# Safe to run when nothing runs, and more than once. `--purge` also deletes DIR.
 #
 #   tests/slurm/stop_cluster.sh DIR [--purge]
 set -uo pipefail
@@ -33,21 +35,24 @@ tree() {  # tree PID: PID and all its descendants
 }
 
 CTLD=$(pid_in slurmctld)
-SLURMD=$(pid_in slurmd)
 MUNGED=$(pid_in munged)
+# client COMMAND...: a SLURM command, where it reaches the controller (DIR/client, see start_cluster.sh).
+client() {
+  if [ -x "$DIR/client" ]; then "$DIR/client" "$@"; else "$@"; fi
+}
 
 # 1. Cancel every job while the controller still runs, and give them KillWait to go.
 if is "$CTLD" slurmctld; then
-  mapfile -t jobs < <(squeue -h -o %i 2>/dev/null)
+  mapfile -t jobs < <(client squeue -h -o %i 2>/dev/null)
   if [ ${#jobs[@]} -gt 0 ]; then
     say "cancelling jobs ${jobs[*]}"
-    scancel "${jobs[@]}" 2>/dev/null
+    client scancel "${jobs[@]}" 2>/dev/null
     for ((i = 0; i < 60; i++)); do
-      [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+      [ -z "$(client squeue -h -o %i 2>/dev/null)" ] && break
       sleep 0.5
     done
   fi
-  scontrol shutdown >/dev/null 2>&1
+  client scontrol shutdown >/dev/null 2>&1
 fi
 
 # 2. Step daemons of this cluster that outlived it (a daemon was killed before its jobs ended):
@@ -63,11 +68,32 @@ for proc in /proc/[0-9]*; do
   esac
 done
 
-# 3. The daemons themselves.
-stop "$SLURMD" slurmd 10
+# 3. The daemons themselves (one slurmd per node, slurmd-NODE.pid).
+for file in "$PIDS"/slurmd*.pid; do
+  [ -e "$file" ] && stop "$(cat "$file" 2>/dev/null)" slurmd 10
+done
 stop "$CTLD" slurmctld 10
 stop "$MUNGED" munged 0
 rm -f "$PIDS"/*.pid
+
+# 4. The namespaces of a multi-node cluster: whatever still runs inside them is this cluster's (a
+#    job's process that outlived its slurmstepd); then the namespaces, with their links and bridge.
+if [ -s "$DIR/netns" ]; then
+  mapfile -t namespaces <"$DIR/netns"
+  for ns in "${namespaces[@]}"; do
+    [ -e "/run/netns/$ns" ] || continue
+    for ((i = 0; i < 3; i++)); do
+      mapfile -t left < <(ip netns pids "$ns" 2>/dev/null)
+      [ ${#left[@]} -gt 0 ] || break
+      say "namespace $ns: killing processes ${left[*]}"
+      kill -KILL "${left[@]}" 2>/dev/null
+      sleep 0.5
+    done
+    ip netns del "$ns" 2>/dev/null || say "could not delete namespace $ns"
+  done
+  remaining=$(for ns in "${namespaces[@]}"; do [ -e "/run/netns/$ns" ] && echo "$ns"; done)
+  [ -z "$remaining" ] && rm -f "$DIR/netns"
+fi
 if [ "${2:-}" = --purge ]; then
   rm -rf "$DIR"
 fi
