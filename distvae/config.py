@@ -111,6 +111,18 @@ class ModelConfig:
     output: str = "sigmoid"  # decoder output activation: sigmoid | relu (the reference) | none
     norm: str = "batch"  # normalisation after each conv: batch | group | none
     cond_dim: int = 0  # length of the condition vector (40 = CelebA attributes); 0 = unconditional
+    arch: str = "plain"  # plain = the tutorial's stride-2 conv stages | resnet = residual blocks, GroupNorm, SiLU
+    blocks_per_stage: int = 2  # resnet: residual blocks at each resolution (>= 1)
+    attention_resolution: int = 0  # resnet: self-attention where the feature map is this many pixels wide; 0 = none
+    latent: str = "vector"  # vector = z of latent_dim values | spatial = latent_channels x (resolution / 2**stages)^2
+    latent_channels: int = 4  # spatial latent: channels of z (model.latent_dim is then not used)
+
+    @property
+    def latent_size(self) -> int:
+        """Values in one image's z: latent_dim, or latent_channels x bottom x bottom for a spatial latent."""
+        if self.latent == "spatial":
+            return self.latent_channels * (self.resolution // 2 ** len(self.hiddens)) ** 2
+        return self.latent_dim
 
     def __post_init__(self) -> None:
         _at_least("model.resolution", self.resolution, 4)
@@ -131,6 +143,22 @@ class ModelConfig:
             )
         if self.norm == "group" and any(width % 8 for width in self.hiddens):
             raise ConfigError("model.norm=group needs every model.hiddens width divisible by 8")
+        _choice("model.arch", self.arch, ("plain", "resnet"))
+        _choice("model.latent", self.latent, ("vector", "spatial"))
+        _at_least("model.latent_channels", self.latent_channels, 1)
+        _at_least("model.attention_resolution", self.attention_resolution, 0)
+        if self.arch == "resnet":
+            _at_least("model.blocks_per_stage", self.blocks_per_stage, 1)
+            if self.norm != "group":
+                raise ConfigError(f"model.arch=resnet normalises with GroupNorm: set model.norm=group (not "
+                                  f"{self.norm})")
+        sides = [self.resolution // 2**stage for stage in range(1, len(self.hiddens) + 1)]
+        if self.attention_resolution and self.arch != "resnet":
+            raise ConfigError(f"model.attention_resolution={self.attention_resolution} needs model.arch=resnet "
+                              f"(0 = none)")
+        if self.attention_resolution and self.attention_resolution not in sides:
+            raise ConfigError(f"model.attention_resolution={self.attention_resolution} is not a feature-map size of "
+                              f"this model: choose one of {', '.join(map(str, sides))} (0 = none)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`distvae info --config NAME [overrides]`: size a model before launching it.
 
 Prints every layer with its output shape and parameter count, the total parameter count and the
-activation memory one image needs in a training forward pass (what autograd keeps for backward).
+activation memory one image needs in a training forward pass: the bytes of the tensors autograd keeps
+for backward, counted as they are saved (saved_bytes_per_image), for every arch and latent.
 """
 
 from __future__ import annotations
@@ -50,6 +51,34 @@ def _recorder(rows: list[LayerRow], name: str):
     return hook
 
 
+def saved_bytes_per_image(cfg: ModelConfig, device: str = "meta") -> int:
+    """Bytes of the tensors autograd keeps for backward in one training forward of one image (fp32), parameters
+    left out: what activation memory costs per image, for every arch, counted where it is saved (a residual
+    block's inner activations are no module's output). On the meta device by default: no memory, no compute."""
+    with torch.device(device):
+        model = build_model(cfg).train()
+        image = torch.zeros(1, cfg.channels, cfg.resolution, cfg.resolution)
+        cond = torch.zeros(1, cfg.cond_dim) if cfg.cond_dim else None
+        eps = torch.zeros(1, model.latent_dim)
+    parameters = {id(p) for p in model.parameters()}
+    saved: dict[int, torch.Tensor] = {}  # kept alive, so that no id is reused while counting
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters:
+            saved[id(tensor)] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(image, cond, eps)
+    # One storage saved by two operations (a tensor and a view of it) counts once: real tensors by their address,
+    # meta tensors (which have none) by the tensor their view was taken from.
+    if device != "meta":
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved.values()}
+    else:
+        storages = {id(t if t._base is None else t._base): t.untyped_storage().nbytes() for t in saved.values()}
+    return sum(storages.values())
+
+
 def activation_bytes_per_image(rows: list[LayerRow], bytes_per_value: int) -> int:
     total = 0
     for row in rows:
@@ -64,8 +93,13 @@ def print_info(cfg: Config) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = layer_table(cfg.model)
-    table = Table(title=f"ConvVAE {cfg.model.resolution}px, hiddens {cfg.model.hiddens}, latent {cfg.model.latent_dim}")
+    rows, model = layer_table(cfg.model), cfg.model
+    latent = f"latent {model.latent_dim}" if model.latent == "vector" else \
+        f"spatial latent {model.latent_channels}x{model.resolution // 2 ** len(model.hiddens)}x" \
+        f"{model.resolution // 2 ** len(model.hiddens)} ({model.latent_size} values)"
+    arch = "plain" if model.arch == "plain" else f"resnet x{model.blocks_per_stage}" + (
+        f", attention at {model.attention_resolution} px" if model.attention_resolution else "")
+    table = Table(title=f"ConvVAE {arch}, {model.resolution}px, hiddens {model.hiddens}, {latent}")
     table.add_column("layer")
     table.add_column("type")
     table.add_column("output (C, H, W)")
@@ -75,8 +109,8 @@ def print_info(cfg: Config) -> None:
     console = Console()
     console.print(table)
     total = sum(row.params for row in rows)
-    fp32 = activation_bytes_per_image(rows, 4)
-    half = activation_bytes_per_image(rows, 2)
+    fp32 = saved_bytes_per_image(cfg.model)
+    half = fp32 // 2  # autocast keeps the convolutions' inputs in bf16/fp16; the small fp32 bottleneck is ignored
     batch = cfg.data.batch_size
     print(f"parameters: {total:,} ({total * 4 / 2**20:.1f} MiB fp32; Adam state adds 2x)")
     print(

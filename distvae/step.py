@@ -51,7 +51,7 @@ def train_step(model, optimizer, accelerator, batches: Iterator, buffers: Buffer
         data_seconds += time.perf_counter() - waited
         images, cond = batch.to(device, cfg.train.channels_last)
         # Keyed by each sample's place in the epoch: the same noise for any topology and worker count.
-        eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_dim, device)
+        eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_size, device)
         with contextlib.nullcontext() if micro_step == accum - 1 else accelerator.no_sync(model):
             with accelerator.autocast():  # the only autocast of the step: the loss leaves it for fp32
                 recon, mean, logvar = model(images, cond, eps)

@@ -84,7 +84,13 @@ def sample(ckpt: str, out: str, n: int = 64, temperature: float = 1.0, seed: int
     z = torch.randn(n, model.latent_dim, generator=generator) * temperature  # first: the same z whatever --attr
     cond, said = conditions(model, ckpt, list(attrs), n, generator)
     save_png(to_uint8_grid(model.decode(z, cond), rows=math.ceil(math.sqrt(n))), out)
-    return f"{n} samples at temperature {temperature:g}, seed {seed}{said}, from {which} -> {out}"
+    line = f"{n} samples at temperature {temperature:g}, seed {seed}{said}, from {which} -> {out}"
+    if model.latent == "spatial":
+        shape = "x".join(map(str, model.latent_shape))
+        line += (f"\nnote: this model has a spatial latent ({shape}); samples of N(0, I) at that shape are not "
+                 f"expected to look like faces: its latents are meant for a second-stage model (reconstruct and "
+                 f"interpolate show what it learned)")
+    return line
 
 
 def first_image(shard: Shard) -> tuple[int, int, bool]:

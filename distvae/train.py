@@ -284,7 +284,7 @@ class EndOfStep:
         self.window, self.health = WindowStats(accelerator.device), DataHealth(cfg.data.max_bad_fraction,
                                                                                cfg.data.bad_window)
         self.consecutive_bad, self.data_failed, self.lock_problem = 0, False, ""
-        self.collapse = CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_validations, cfg.model.latent_dim,
+        self.collapse = CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_validations, cfg.model.latent_size,
                                       from_step=max(cfg.loss.kl_warmup_steps, cfg.train.warmup_steps))
         show = val_stream is not None and accelerator.is_main_process
         self.fixed_val_batch = next(iter(val_stream), None) if show else None  # the same images in every grid
