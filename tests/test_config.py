@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from distvae.config import ConfigError, config_from_dict, load_config, named_configs, valid_keys
 
@@ -17,11 +18,24 @@ def test_documented_keys_exist():
     assert set(FIXED_KEYS) <= set(valid_keys())
 
 
-@pytest.mark.parametrize("name", ["tiny", "reference", "celeba64", "celeba128", "celeba256"])
+@pytest.mark.parametrize("name", ["tiny", "reference", "celeba64", "celeba128", "celeba256", "celeba64_resnet",
+                                  "celeba128_resnet", "celeba256_resnet", "celeba256_spatial"])
 def test_named_configs_load(name):
     assert name in named_configs()
     cfg = load_config(name)
     assert cfg.model.resolution % 2 ** len(cfg.model.hiddens) == 0
+
+
+@pytest.mark.parametrize("name", named_configs())
+def test_the_readme_table_gives_each_named_configs_parameter_count(name):
+    import torch
+
+    from distvae.model import build_model
+
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_model(load_config(name).model).parameters())
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| `{name}` |")]
+    assert len(rows) == 1 and f"| {count:,} |" in rows[0], (name, count, rows)
 
 
 def test_yaml_then_overrides_in_order(tmp_path):
