@@ -4,7 +4,7 @@
     distvae info --config celeba128 [key=value ...]    # layer table, parameters, activation memory
     distvae synth --out data/synth --n 20000           # built-in synthetic CelebA-layout face set
     distvae pack --src data/celeba --out shards/celeba [--resolution 64] [--workers 8]
-    distvae bench data [--resolution 64] [--json out.json]
+    distvae bench data [--resolution 64] [--json out.json] [--peers]   # --peers: vs mosaicml-streaming, litdata
     distvae bench pack [--n 800] [--workers 2]         # pack speed, 1 worker vs K
     distvae bench plan [--samples N --world-size W]    # the global data plan at scale, simulated
     distvae bench step [--device cuda] [--quick]       # the step: bare loop vs distvae loop vs end to end
@@ -13,6 +13,7 @@
     distvae bench all [--peers]                        # all of them; rewrites BENCHMARKS.md (make bench)
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
     distvae sample | reconstruct | interpolate | evaluate | export --ckpt RUN_DIR ...   # after training
+    distvae latent-scale --ckpt RUN_DIR [--shards S]   # 1 / std of the latents: a second stage's scaling factor
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--raw", action="store_true", help="the live weights instead of the EMA")
         if shards:
             command.add_argument("--shards", required=True, help="shard spec (a manifest's val split by default)")
-        if name not in ("export", "evaluate"):
+        if name not in ("export", "evaluate", "latent-scale"):
             command.add_argument("--out", required=True, help="PNG file to write")
         return command
 
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="local Inception weights for FID (default: torch-fidelity's cache; never downloaded)")
     export = tool("export", "config.json + model.safetensors for ConvVAE.from_pretrained")
     export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--scale-shards", default=None, help="training shards to measure the latent scaling factor "
+                        "on (spatial latents: the run's data.train_shards by default)")
+    export.add_argument("--scale-images", type=int, default=2048, help="images the scaling factor is measured on")
+    scale = tool("latent-scale", "1 / the std of the latents over training images (a second stage's scale)")
+    scale.add_argument("--shards", default=None, help="training shards (default: the run's data.train_shards)")
+    scale.add_argument("--images", type=int, default=2048)
+    scale.add_argument("--seed", type=int, default=0)
 
     data = commands.add_parser("data", help="inspect the training data as the trainer sees it")
     data_kinds = data.add_subparsers(dest="data_kind", metavar="KIND")
@@ -112,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="time per measured path")
     bench_data.add_argument("--json", default=None, help="also write the results as JSON here")
     bench_data.add_argument("--n", type=int, default=3000, help="synthetic images to make when --source is not given")
+    bench_data.add_argument("--peers", action="store_true", help="per CPU second against mosaicml-streaming and "
+                            "litdata instead, one fresh process per epoch (pip install -e '.[bench]'; synthetic only)")
     bench_step = bench_kinds.add_parser("step", help="training images/s: a bare PyTorch loop vs distvae's loop and "
                                         "its end-to-end run, each in its own process")
     from distvae.bench.step import add_arguments as step_arguments
@@ -186,7 +196,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed,
         )
         return 0
-    if args.command in ("sample", "reconstruct", "interpolate", "export", "evaluate"):
+    if args.command in ("sample", "reconstruct", "interpolate", "export", "evaluate", "latent-scale"):
         from distvae import tools  # evaluate and export import their own modules (FID needs torchmetrics)
 
         if args.command == "sample":
@@ -200,10 +210,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             line = scores.evaluate_checkpoint(args.ckpt, args.shards, args.json, args.batch_size, args.iw, args.seed,
                                               args.raw, args.fid_images, args.fid_weights, workers=args.workers)
+        elif args.command == "latent-scale":
+            line = tools.latent_scale(args.ckpt, args.shards, args.images, args.seed, args.raw)[1]
         else:
             from distvae import export
 
-            line = export.export(args.ckpt, args.out, args.raw)
+            line = export.export(args.ckpt, args.out, args.raw, args.scale_shards, args.scale_images)
         if line:  # other ranks of a multi-process evaluate print nothing
             print(line)
         return 0
@@ -251,6 +263,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         bench_sync(args.device, args.resolution, args.batch, args.precision, True, args.steps, args.rounds, args.quick,
                    args.json)
+        return 0
+    if args.command == "bench" and args.bench_kind == "data" and args.peers:
+        from distvae.bench.peers import bench_peers
+
+        if args.source is not None:
+            raise UserError("--peers measures the synthetic faces only: drop --source")
+        bench_peers(n=args.n, resolution=args.resolution, json_path=args.json)
         return 0
     if args.command == "bench" and args.bench_kind == "data":
         from distvae.bench.data import bench_data

@@ -176,6 +176,7 @@ class ConvVAE(nn.Module):
         else:
             self.latent_shape = (latent_dim,)
         self.latent_dim = math.prod(self.latent_shape)  # the size of the flat z
+        self.scaling_factor: float | None = None  # set by from_pretrained when the export measured it (export.py)
 
         # Built in this order (encoder, heads, decoder) so a seed gives the plain arch the weights it always had.
         if arch == "resnet":

@@ -124,12 +124,12 @@ def check_shards(cfg: Config, shards: list[Shard], spec: str) -> None:
 
 
 def image_batches(cfg: Config, shards: str, batch_size: int = 64, rank: int = 0, world_size: int = 1,
-                  workers: int = 0):
+                  workers: int = 0, split: str = "val"):
     """The split's readable Batches (this rank's part), cropped and resized as in training; with workers the
     batches interleave, and each carries its samples' positions in the split."""
     if batch_size < 1 or workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
-    found = resolve_shards(shards, split="val")
+    found = resolve_shards(shards, split=split)
     check_shards(cfg, found, shards)
     stream = ShardStream(found, batch_size=batch_size, resolution=cfg.model.resolution,
                          channels=cfg.model.channels, crop=cfg.data.crop, train=False, num_workers=workers,
@@ -196,3 +196,33 @@ def interpolate(ckpt: str, shards: str, out: str, pairs: int = 4, steps: int = 8
     save_png(to_uint8_grid(rows, rows=steps + 2), out)
     kind = "spherical" if spherical else "linear"
     return f"{pairs} pairs, {steps} {kind} steps between posterior means (inputs at both ends) from {which} -> {out}"
+
+
+@torch.no_grad()
+def latent_scale(ckpt: str, shards: str | None = None, images: int = 2048, seed: int = 0,
+                 raw: bool = False) -> tuple[float, str]:
+    """(scaling factor, the line that says it): 1 / the standard deviation of z = mean + std * eps over the first
+    `images` images of the training split (the run's own data.train_shards unless --shards says otherwise), all
+    latent values together: what a second-stage model multiplies z by so that it has unit variance."""
+    if images < 2:
+        raise UserError("--images must be at least 2")
+    model, cfg, which = load_checkpoint(ckpt, raw)
+    spec = shards or cfg.data.train_shards
+    generator = torch.Generator().manual_seed(seed)
+    total, total_sq, count, seen = 0.0, 0.0, 0, 0
+    for batch in image_batches(cfg, spec, min(images, 64), split="train"):
+        pixels, cond = batch.to("cpu")
+        pixels, cond = pixels[: images - seen], None if cond is None else cond[: images - seen]
+        mean, logvar = model.encode(pixels, cond)
+        z = model.reparameterize(mean, logvar, torch.randn(mean.shape, generator=generator)).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
+        seen += len(pixels)
+        if seen >= images:
+            break
+    if seen < 2:
+        raise UserError(f"--shards {spec}: no readable training images to measure the latents on")
+    variance = total_sq / count - (total / count) ** 2
+    factor = 1.0 / math.sqrt(variance)
+    shape = "x".join(map(str, model.latent_shape))
+    return factor, (f"latent scaling factor {factor:.6g}: 1 / the std of {count:,} latent values ({seen} training "
+                    f"images x {shape}) from {which}; z * {factor:.4g} has unit variance")
