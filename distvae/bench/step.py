@@ -422,7 +422,7 @@ def bare_train(cfg, device: str = "cpu") -> tuple[dict[str, float], torch.nn.Mod
             group["lr"] = cfg.train.lr * schedule(step)  # what the trainer's LambdaLR sets
         batch = next(batches)
         images, cond = batch.to(device, cfg.train.channels_last)
-        eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_dim, device)
+        eps = sample_noise(cfg.run.seed, batch.epoch, batch.positions, cfg.model.latent_size, device)
         bare_step(model, optimizer, images, cond, eps, cfg, step)
     val_stream = trainer_stream(cfg, cfg.data.val_shards, train=False)
     host = OneProcess(device, cfg.train.mixed_precision)
