@@ -88,20 +88,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     from distvae.train import main as train_main  # after the variables: nothing may read them earlier
 
-    try:
-        return train_main(argv)
-    finally:
-        close_process_group()
-
-
-def close_process_group() -> None:
-    """Destroy the process group while the interpreter is still whole. Left to interpreter exit, gloo's worker
-    threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489):
-    seen on the two-node test cluster after a run.dir error, whose exit code became 134 instead of 2."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return train_main(argv)  # which destroys the process group before it returns (train.close_process_group)
 
 
 if __name__ == "__main__":

@@ -481,10 +481,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        return run(cfg, args.reset_data)
+        code = run(cfg, args.reset_data)
     except UserError as error:
         print(f"distvae train: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        code = EXIT_USAGE
+    close_process_group(code)
+    return code
+
+
+def close_process_group(code: int) -> None:
+    """Destroy the process group while the interpreter is still whole: left to interpreter exit, gloo's threads
+    can abort the process ("terminate called without an active exception", pytorch/pytorch#190489; seen once
+    on the two-node test cluster, exit 134 instead of 2). Not after a failure (exit 1), which may be one rank's
+    alone: destroying a group whose peers are gone or busy can hang (torchtitan destroys it on success only)."""
+    if code != 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
