@@ -193,6 +193,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow first step, faster after)
     channels_last: bool = True  # NHWC memory format for convolutions: the layout, not the maths (1.3x on CPU here)
     sync_bn: bool = False  # SyncBatchNorm across ranks instead of per-rank batch statistics
+    # Recompute each resnet stage in backward instead of keeping its activations (model.arch=resnet only)
+    activation_checkpointing: bool = False
     # Deterministic kernels, no TF32, no cudnn.benchmark (backend.py): exact resume on GPUs needs it; slower.
     deterministic: bool = False
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps (fp16 scaler back-offs do not count)
@@ -276,6 +278,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.loss.recon == "bce" and self.model.output != "sigmoid":
             raise ConfigError("loss.recon=bce needs model.output=sigmoid (BCE is defined for outputs in [0, 1])")
+        if self.train.activation_checkpointing and self.model.arch != "resnet":
+            # The plain arch's stages end in BatchNorm by default, and recomputing a BatchNorm layer updates its
+            # running statistics twice.
+            raise ConfigError("train.activation_checkpointing=true recomputes resnet stages (GroupNorm): it needs "
+                              "model.arch=resnet")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,6 +79,46 @@ def saved_bytes_per_image(cfg: ModelConfig, device: str = "meta") -> int:
     return sum(storages.values())
 
 
+def checkpointed_bytes_per_image(cfg: ModelConfig) -> int:
+    """About what saved_bytes_per_image becomes with train.activation_checkpointing: each stage (resnet) keeps
+    only its input, and backward recomputes one stage at a time, so add the largest stage's own saved tensors.
+    Counted on the meta device from the same forward, each saved tensor charged to the stage it was saved in."""
+    with torch.device("meta"):
+        model = build_model(cfg).train()
+        image = torch.zeros(1, cfg.channels, cfg.resolution, cfg.resolution)
+        cond = torch.zeros(1, cfg.cond_dim) if cfg.cond_dim else None
+        eps = torch.zeros(1, model.latent_dim)
+    stages = [layer for part in (model.encoder, model.decoder) for layer in part if isinstance(layer, nn.Sequential)]
+    parameters = {id(p) for p in model.parameters()}
+    current: list[int] = []
+    inside: dict[int, dict[int, torch.Tensor]] = {index: {} for index in range(len(stages))}
+    outside: dict[int, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters:
+            (inside[current[-1]] if current else outside)[id(tensor if tensor._base is None else tensor._base)] = tensor
+        return tensor
+
+    hooks = []
+    for index, stage in enumerate(stages):
+        def enter(_module, args, index=index):
+            current.append(index)
+            inputs[id(args[0])] = args[0]
+
+        def leave(*_) -> None:  # returns None: a forward hook's value would replace the stage's output
+            current.pop()
+
+        hooks += [stage.register_forward_pre_hook(enter), stage.register_forward_hook(leave)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(image, cond, eps)
+    for hook in hooks:
+        hook.remove()
+    size = lambda tensors: sum(t.untyped_storage().nbytes() for t in tensors)  # noqa: E731
+    kept = size(outside.values()) + size(t for key, t in inputs.items() if key not in outside)
+    return kept + max((size(saved.values()) for saved in inside.values()), default=0)
+
+
 def activation_bytes_per_image(rows: list[LayerRow], bytes_per_value: int) -> int:
     total = 0
     for row in rows:
@@ -117,3 +157,9 @@ def print_info(cfg: Config) -> None:
         f"activations per image: {fp32 / 2**20:.2f} MiB fp32, {half / 2**20:.2f} MiB bf16/fp16 autocast; "
         f"at data.batch_size={batch}: {fp32 * batch / 2**30:.2f} GiB fp32, {half * batch / 2**30:.2f} GiB autocast"
     )
+    if model.arch == "resnet":
+        kept = checkpointed_bytes_per_image(model)
+        state = "on" if cfg.train.activation_checkpointing else "off"
+        print(f"with train.activation_checkpointing=true (now {state}): about {kept / 2**20:.2f} MiB fp32 per image "
+              f"({kept / fp32:.0%}), {kept * batch / 2**30:.2f} GiB fp32 at data.batch_size={batch}; each stage is "
+              f"computed twice")

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distvae.config import ModelConfig
 
@@ -177,6 +178,9 @@ class ConvVAE(nn.Module):
             self.latent_shape = (latent_dim,)
         self.latent_dim = math.prod(self.latent_shape)  # the size of the flat z
         self.scaling_factor: float | None = None  # set by from_pretrained when the export measured it (export.py)
+        # Recompute each stage (an nn.Sequential of the resnet arch) in backward instead of keeping its activations;
+        # the trainer sets it (train.activation_checkpointing). GroupNorm only: no running statistics to update twice.
+        self.checkpoint_stages = False
 
         # Built in this order (encoder, heads, decoder) so a seed gives the plain arch the weights it always had.
         if arch == "resnet":
@@ -210,9 +214,17 @@ class ConvVAE(nn.Module):
             cond = cond[:, :, None, None].expand(-1, -1, *features.shape[2:])
         return torch.cat([features, cond], dim=1)
 
+    def _through(self, layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            if self.checkpoint_stages and isinstance(layer, nn.Sequential) and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)  # keeps the stage's input, recomputes the rest
+            else:
+                x = layer(x)
+        return x
+
     def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and logvar, fp32."""
-        features = self.encoder(x)
+        features = self._through(self.encoder, x)
         with _fp32(features.device):
             features = self._with_cond(features.float(), cond)
             logvar = self.logvar_head(features).flatten(1).clamp(LOGVAR_MIN, LOGVAR_MAX)
@@ -227,7 +239,7 @@ class ConvVAE(nn.Module):
     def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         with _fp32(z.device):
             hidden = self.decoder_input(self._with_cond(z.float().view(-1, *self.latent_shape), cond))
-        return self.decoder(hidden.view(-1, *self.bottom_shape))
+        return self._through(self.decoder, hidden.view(-1, *self.bottom_shape))
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None, eps: torch.Tensor | None = None

@@ -156,6 +156,7 @@ class Parts:
 def build_parts(cfg: Config, accelerator: Accelerator, anchor: dict | None) -> Parts:
     torch.manual_seed(cfg.run.seed)  # the same seed on every rank gives the same initial weights
     model = build_model(cfg.model)
+    model.checkpoint_stages = cfg.train.activation_checkpointing
     if cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last:

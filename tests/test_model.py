@@ -225,3 +225,31 @@ def test_info_counts_what_autograd_saves_as_a_real_forward_does():
         print(f"{name}: {on_meta:,} bytes saved per image on meta, {on_cpu:,} on CPU")
         assert on_meta == on_cpu > 0
     assert saved_bytes_per_image(config_of("resnet_vector", 32)) > saved_bytes_per_image(config_of("plain_vector", 32))
+
+
+def test_activation_checkpointing_gives_bitwise_equal_gradients_and_is_refused_for_the_plain_arch():
+    from distvae.config import ConfigError
+
+    torch.manual_seed(0)
+    model = ConvVAE(resolution=32, hiddens=[8, 16], latent_dim=8, arch="resnet", norm="group", blocks_per_stage=1,
+                    attention_resolution=8, latent="spatial", latent_channels=2, cond_dim=3)
+    generator = torch.Generator().manual_seed(1)
+    images, cond = torch.rand(4, 3, 32, 32, generator=generator), torch.rand(4, 3, generator=generator)
+    eps = torch.randn(4, model.latent_dim, generator=generator)
+
+    def gradients(checkpointed: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        model.checkpoint_stages = checkpointed
+        recon, mean, logvar = model(images, cond, eps)
+        (recon.square().sum() + mean.square().sum() + logvar.exp().sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+    assert not list(model.buffers())  # GroupNorm keeps no running statistics to update twice
+    model.checkpoint_stages = False
+    other = gradients(False)
+    images.mul_(0.5)  # the control: another input gives other gradients, so equality above means something
+    assert not all(torch.equal(a, b) for a, b in zip(other, gradients(False)))
+    with pytest.raises(ConfigError, match="needs model.arch=resnet"):
+        load_config("tiny", ["train.activation_checkpointing=true"])
