@@ -96,6 +96,9 @@ def validate(model: ConvVAE, stream: ShardStream, cfg: Config, accelerator, step
     if cfg.loss.recon == "mse" and cfg.loss.kl_weight <= 0:
         del metrics["val/neg_elbo"]
     kl_per_dim = (latent[2 * dims : 3 * dims] / images_seen).cpu().numpy()
+    if getattr(model, "latent", "vector") == "spatial":  # a map's channels: how the rate is spread over them
+        for channel, kl in enumerate(kl_per_dim.reshape(model.latent_shape[0], -1).sum(axis=1).tolist()):
+            metrics[f"val/kl_channel{channel}"] = kl
     return Validation({key.replace("val/", f"{prefix}/", 1): value for key, value in metrics.items()}, kl_per_dim,
                       prefix)
 

@@ -101,3 +101,20 @@ def test_collapse_watch_warns_once_after_the_stated_number_of_validations():
     for knob in ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.reduction"):
         assert knob in message
     assert CollapseWatch(0.0, 1, 32).add(0, 0, kl=0.0) is None  # share 0: never
+
+
+def test_a_spatial_latent_reports_the_kl_of_each_channel():
+    cfg = load_config("tiny", ["train.val_batches=0", "model.latent=spatial", "model.latent_channels=3"])
+    torch.manual_seed(SEED)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # channel 1 made loud, so the per-channel sums differ and a mix-up would show
+        model.mean_head.weight[1].mul_(20)
+    result = validate(model, split(), cfg, OneCPU(), step=1)
+    per_channel = result.kl_per_dim.reshape(3, -1).sum(axis=1)
+    reported = [result.scalars[f"val/kl_channel{channel}"] for channel in range(3)]
+    print(f"KL per channel: {reported}")
+    assert reported == pytest.approx(per_channel.tolist(), rel=1e-9)
+    assert sum(reported) == pytest.approx(result.scalars["val/kl"], rel=1e-6)
+    assert reported[1] > 2 * max(reported[0], reported[2])
+    assert "val/kl_channel0" not in validate(build_model(load_config("tiny").model), split(), load_config(
+        "tiny", ["train.val_batches=0"]), OneCPU(), step=1).scalars  # vector latents have no channels
