@@ -85,3 +85,19 @@ def test_bench_data_reports_batch_diversity_and_random_access(tmp_path, capsys):
     assert "distinct shards per batch with the global plan" in printed and "random access:" in printed
     smaller = batch_diversity(shuffle_block=2000)  # a block of two shards mixes two shards, not 52
     assert smaller["planned"] < 3
+
+
+def test_peak_memory_is_the_workers_own_not_its_parents():
+    """ru_maxrss carries a parent's peak into a fresh child; VmHWM is the child's own."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 2**20)  # this process: over 400 MiB resident
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = "import sys; from distvae.bench.rounds import peak_rss_mib; b = bytearray({} * 2**20); " \
+           "b[::4096] = b'x' * len(b[::4096]); print(peak_rss_mib())"
+    small, large = (float(subprocess.run([sys.executable, "-c", code.format(size)], capture_output=True, text=True,
+                                         check=True).stdout) for size in (0, 300))
+    print(f"child peaks: {small:.0f} MiB idle, {large:.0f} MiB with 300 MiB allocated; parent holds 400 MiB")
+    assert small < 200 and 300 < large < 500
+    del ballast

@@ -500,16 +500,14 @@ def worker(job: dict) -> None:
                "images_per_cpu_second": first["images"] / first["cpu_seconds"],
                "images_per_wall_second": first["images"] / first["wall_seconds"],
                "images_per_cpu_second_warm": second["images"] / second["cpu_seconds"],
-               "children_cpu_seconds": _children_cpu() - children0, "epochs": epochs, "peak_rss_mib": peak_rss_mib()}
+               "children_cpu_seconds": _children_cpu() - children0, "epochs": epochs, "peak_rss_mib": _peak_rss_mib()}
     Path(job["out"]).write_text(json.dumps(figures))
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM: ru_maxrss would carry the parent's peak across exec) or of
-    its largest waited-for child (the DataLoader workers, forked from it), in MiB."""
-    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-    own = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+def _peak_rss_mib() -> float:
+    from distvae.bench.rounds import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def _children_cpu() -> float:

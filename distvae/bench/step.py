@@ -21,7 +21,7 @@ The model is the reference (tutorial) config at model.resolution 64 or 128; conf
 distvae.train.train_step: from the end of step WARMUP to the end of the last step, so imports, model build,
 the first steps and the final save are outside. Every way gets the same torch.set_num_threads (OMP_NUM_THREADS
 too); the machine may be shared, so the ways run in interleaved rounds (order rotated each round) and the median
-is reported. Peak memory is each training process's own ru_maxrss.
+is reported. Peak memory is each training process's own (VmHWM; rounds.peak_rss_mib).
 
 DDP: the first configuration in 2 processes (torchrun, gloo on CPU), against the same 2 processes with every step
 under DDP's no_sync(): the gradient all-reduce is off, while the step's flag all-reduce and the BatchNorm
@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import socket
 import statistics
@@ -477,7 +476,9 @@ def worker(job: dict) -> None:
         _save_weights(model, Path(job["out"]) / "model.safetensors")
     else:
         figures = (bare_loop if job["way"] == "bare_loop" else distvae_loop)(cfg, job)
-    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from distvae.bench.rounds import peak_rss_mib
+
+    figures["peak_rss_mib"] = peak_rss_mib()
     figures["threads"] = torch.get_num_threads()
     if not all(math.isfinite(value) for value in figures.values()):
         raise RuntimeError(f"non-finite figures: {figures}")
