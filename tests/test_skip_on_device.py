@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from test_step import snapshot
 
 from distvae.config import load_config
 from distvae.guards import BufferSnapshot, step_unless
@@ -57,19 +58,12 @@ def train(decision: str, steps: int = 9, restore_buffers: bool = True):
     return model, optimizer, skipped
 
 
-def state_of(model, optimizer) -> list[torch.Tensor]:
-    tensors = [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
-    for per_param in optimizer.state.values():
-        tensors += [value.clone() for value in per_param.values() if torch.is_tensor(value)]
-    return tensors
-
-
 def test_the_device_decision_skips_the_same_steps_and_leaves_the_same_state():
     print(f"seed {SEED}, faults at steps {sorted(FAULTS)}")
     host_model, host_optimizer, host_skipped = train("host")
     device_model, device_optimizer, device_skipped = train("device")
     assert host_skipped == device_skipped == sorted(FAULTS)
-    host, device = state_of(host_model, host_optimizer), state_of(device_model, device_optimizer)
+    host, device = snapshot(host_model, host_optimizer), snapshot(device_model, device_optimizer)
     assert len(host) == len(device)
     assert all(torch.equal(a, b) for a, b in zip(host, device))
     steps = {float(s["step"]) for s in device_optimizer.state.values()}
