@@ -11,6 +11,7 @@
     distvae bench sync [--device cuda] [--quick]       # the step's wait for the device: host vs device decision
     distvae bench resume | e2e [--quick]               # resume late in an epoch; the tutorial loop vs distvae
     distvae bench all [--peers]                        # all of them; rewrites BENCHMARKS.md (make bench)
+    distvae bench quality [--quick] [--steps N]        # plain vs resnet rate-distortion at 64 px; writes QUALITY.md
     distvae data plan --config tiny --step S [--world-size W --rank R]   # the sample keys of a step
     distvae sample | reconstruct | interpolate | evaluate | export --ckpt RUN_DIR ...   # after training
     distvae latent-scale --ckpt RUN_DIR [--shards S]   # 1 / std of the latents: a second stage's scaling factor
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "the skipped data"))
     e2e_bench.add_arguments(bench_kinds.add_parser("e2e", help="the tutorial loop vs distvae train --config "
                                                    "reference, 10 epochs, pack included"))
+    from distvae.bench import quality as quality_bench
+
+    quality_bench.add_arguments(bench_kinds.add_parser("quality", help="rate-distortion of the plain and resnet archs "
+                                                       "at an equal cost per step, 64 px; writes QUALITY.md"))
     bench_all = bench_kinds.add_parser("all", help="data, step, resume and e2e in one run; writes BENCHMARKS.md")
     bench_all.add_argument("--peers", action="store_true", help="also the peer loaders (pip install -e '.[bench]')")
     bench_all.add_argument("--quick", action="store_true", help="every bench's quick variant (seconds each)")
@@ -246,6 +251,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from distvae.bench.e2e import bench_e2e
 
         bench_e2e(args.images, args.epochs, args.rounds, args.quick, args.json)
+        return 0
+    if args.command == "bench" and args.bench_kind == "quality":
+        from distvae.bench.quality import run_args
+
+        run_args(args)
         return 0
     if args.command == "bench" and args.bench_kind == "all":
         from distvae.bench.report import bench_all
