@@ -42,6 +42,7 @@ SAFE = {
     "train.lr", "train.max_steps", "train.warmup_steps", "train.lr_schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
     "train.mixed_precision", "train.compile", "train.channels_last", "train.sync_bn", "train.deterministic",
+    "train.activation_checkpointing",  # the same gradients bit for bit (test_model), another memory-time trade
     "train.max_bad_steps",
     "train.collective_timeout_s", "train.val_every_steps", "train.val_batches",
     "train.ema_decay", "train.ema_warmup", "train.ema_every_steps",  # the average goes on with the new setting

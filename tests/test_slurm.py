@@ -282,7 +282,9 @@ def test_usr1_checkpoints_requeues_and_the_rerun_finishes(script, processes, clu
         records = cluster.runs(job.id)  # SLURM's view: the step of run 1 ended with 75, run 2 completed
         assert [(r["JobState"], r["DerivedExitCode"], r["ExitCode"]) for r in records][-1] == \
             ("COMPLETED", "75:0", "0:0"), details  # the job's highest step code so far stays 75 in 22.05
-        assert records[0]["JobState"] in {"PENDING", "REQUEUED"} and records[0]["DerivedExitCode"] == "75:0", details
+        # The requeue record's DerivedExitCode is 75:0 or 0:0: the step's end and the script's `scontrol requeue`
+        # race at the controller (0:0 seen once in a fresh-clone CI run); srun's own exit lines are checked above.
+        assert records[0]["JobState"] in {"PENDING", "REQUEUED"}, details
     elif processes > 1:  # the elastic launcher, not the trainer, got the signal and passed it to both workers
         assert text.count("closing signal SIGUSR1") == processes, details
 
@@ -329,8 +331,8 @@ def test_two_node_preempted_job_requeues_itself_and_ends_bit_identical_to_an_uni
     assert (final["JobState"], final["Restarts"], final["ExitCode"]) == ("COMPLETED", "1", "0:0"), details
     records = [(r["JobState"], r["ExitCode"], r["DerivedExitCode"], r["NodeList"]) for r in two_nodes.runs(job.id)]
     assert len(records) == 2 and records[0][0] in {"PENDING", "REQUEUED"}, details
-    assert records[0][2:] == ("75:0", "node[1-2]") and records[1] == ("COMPLETED", "0:0", "75:0", "node[1-2]"), \
-        details
+    # The requeue record's DerivedExitCode races with the step's end (75:0 or 0:0, see the one-node test).
+    assert records[0][3] == "node[1-2]" and records[1] == ("COMPLETED", "0:0", "75:0", "node[1-2]"), details
     assert (run_dir / "status").read_text().split() == ["finished", str(MAX_STEPS)], details
 
     # The reference: the same training as 2 processes on this machine, never stopped (torchrun, gloo on loopback).
