@@ -1,8 +1,9 @@
 """Rate-distortion of the plain and resnet archs at an equal training cost per step (issue 12), in one command.
 
-    python -m distvae.bench.quality                      # 64 px, 3 kl_weights x 2 seeds x 2 archs; writes QUALITY.md
-    python -m distvae.bench.quality --steps 600 --out QUALITY.md --json quality.json
-    distvae bench quality --quick --out /tmp/q/QUALITY.md    # 32 px, tiny widths, 2 kl_weights, 1 seed: seconds
+    python -m distvae.bench.quality                   # 64 px, 2 archs x 3 kl_weights x 2 seeds: QUALITY.md, ~40 min
+    python -m distvae.bench.quality --steps 400 --out QUALITY.md --json quality.json --jobs 1
+    distvae bench quality --quick --out /tmp/q/QUALITY.md    # 32 px, tiny widths, 2 kl_weights, 1 seed: ~30 s
+    python -m distvae.bench.quality --render quality.json --out QUALITY.md   # rewrite the markdown, no training
 
 What it does, in order:
 1. makes the built-in synthetic faces and packs them pre-resized (npy) once, in a temporary folder;
@@ -12,7 +13,7 @@ What it does, in order:
 3. for each arch x kl_weight x seed trains with the real trainer as a user types it
    (`python -m distvae.train --config ... overrides`, log.tracker=none, the same steps, batch, lr and schedule
    for every run), then scores the final checkpoint with `distvae evaluate --fid-images 0` on the test split,
-   which no run trains or validates on;
+   which no run trains or validates on. Runs go one per core, each with OMP_NUM_THREADS=1 (--jobs);
 4. writes the markdown: every point (rate = KL in nats per image, PSNR of the decoded posterior mean), a PNG of
    PSNR against log rate, the PSNR difference of the two archs at interpolated equal rates against the seed
    spread, a verdict generated from those numbers, and reconstruction grids (`distvae reconstruct`) of the same
@@ -183,30 +184,87 @@ def seed_spreads(points: list[Point]) -> list[tuple[str, float, float]]:
     return spreads
 
 
-def verdict(comparison: list[tuple[float, float, float]], spreads: list[float]) -> str:
-    """Which arch wins at equal rate, said against the seed spread (the largest PSNR gap between two seeds of one
-    arch and kl_weight). A win needs every compared rate to favour one arch by more than that spread."""
-    if not comparison:
+def local_spread(points: list[Point], rate: float) -> float | None:
+    """The seed spread an equal-rate value rests on: the largest PSNR gap between seeds among the kl_weights of
+    either arch whose seed-mean rates bracket `rate` (the points it is interpolated from); None with one seed."""
+    spread_of = {(arch, kl): spread for arch, kl, spread in seed_spreads(points)}
+    found = []
+    for arch in ARCHS:
+        rates = []
+        for kl_weight in {point.kl_weight for point in points if point.arch == arch}:
+            chosen = [point for point in points if point.arch == arch and point.kl_weight == kl_weight]
+            log_rate = sum(math.log(max(point.rate, 1e-9)) for point in chosen) / len(chosen)
+            rates.append((log_rate, spread_of.get((arch, kl_weight))))
+        rates.sort(key=lambda item: item[0])
+        at, slack = math.log(rate), 1e-9
+        below = [item for item in rates if item[0] <= at + slack][-1:]
+        above = [item for item in rates if item[0] >= at - slack][:1]
+        found += [spread for _, spread in below + above]
+    if not found or any(spread is None for spread in found):
+        return None
+    return max(found)
+
+
+def _rates_text(rates: list[float]) -> str:
+    words = [f"{rate:.3g}" for rate in rates]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def verdict(rows: list[tuple[float, float, float, float | None]], spreads: list[float]) -> str:
+    """Which arch wins at equal rate. rows: (rate, PSNR plain, PSNR resnet, the seed spread there, see
+    local_spread); spreads: every arch and kl_weight's gap between seeds, for the summary. An arch wins at a rate
+    when its PSNR there is higher by more than the seed spread there; it wins outright when it does at every rate."""
+    if not rows:
         return ("No rate is reached by both archs, so there is no equal-rate comparison: widen the kl_weights until "
                 "the two curves overlap.")
-    diffs = [resnet - plain for _, plain, resnet in comparison]
+    diffs = [resnet - plain for _, plain, resnet, _ in rows]
     mean = sum(diffs) / len(diffs)
-    span = (f"over {comparison[0][0]:.3g}-{comparison[-1][0]:.3g} nats per image, PSNR(resnet) - PSNR(plain) is "
+    span = (f"over {rows[0][0]:.3g}-{rows[-1][0]:.3g} nats per image, PSNR(resnet) - PSNR(plain) is "
             f"{min(diffs):+.2f} to {max(diffs):+.2f} dB (mean {mean:+.2f} dB)")
-    ahead = "resnet" if mean > 0 else "plain"
-    if not spreads:
+    if not spreads or any(row[3] is None for row in rows):
+        ahead = "resnet" if mean > 0 else "plain"
         return (f"At equal rate, {span}: the {ahead} arch is ahead, but with one seed per point the seed spread is "
                 f"unknown, so no winner can be called.")
-    largest, typical = max(spreads), sum(spreads) / len(spreads)
-    spread = f"the seed spread (largest {largest:.2f} dB, mean {typical:.2f} dB, {len(spreads)} pairs of seeds)"
-    if all(d > largest for d in diffs) or all(-d > largest for d in diffs):
-        return (f"The {ahead} arch wins on these machines: {span}, more than {spread} at every compared rate, "
-                f"{abs(mean) / largest:.1f}x the largest seed spread on average.")
-    if abs(mean) > largest:
-        return (f"The {ahead} arch leans ahead: {span}, more than {spread} on average but not at every compared "
-                f"rate, so it is not a clear win.")
-    return (f"Neither arch wins on these machines: {span}, within {spread}. At this training length the two "
-            f"archs are indistinguishable at equal rate.")
+    summary = (f"Seed spreads over all points: largest {max(spreads):.2f} dB, mean "
+               f"{sum(spreads) / len(spreads):.2f} dB ({len(spreads)} pairs of seeds).")
+    beyond: dict[str, list] = {arch: [] for arch in ARCHS}  # the rates where an arch leads by more than the spread
+    within = []
+    for row, diff in zip(rows, diffs):
+        if abs(diff) > row[3]:
+            beyond["resnet" if diff > 0 else "plain"].append((row, diff))
+        else:
+            within.append((row, diff))
+    winners = [arch for arch in ARCHS if beyond[arch]]
+    if not winners:
+        return (f"Neither arch wins on these machines: {span}, within the seed spread of the runs each value is "
+                f"interpolated from at every compared rate (up to {max(row[3] for row in rows):.2f} dB there). "
+                f"{summary}")
+    if len(winners) == 2:
+        return (f"Neither arch wins everywhere: {span}; beyond the seed spread the resnet arch is ahead at "
+                f"{_rates_text([row[0] for row, _ in beyond['resnet']])} and the plain arch at "
+                f"{_rates_text([row[0] for row, _ in beyond['plain']])} nats per image. {summary}")
+    winner = winners[0]
+    won = beyond[winner]
+    margins = [abs(diff) for _, diff in won]
+    largest_there = max(row[3] for row, _ in won)
+    if not within:
+        return (f"The {winner} arch wins on these machines: {span}; at every compared rate its lead is more than "
+                f"the seed spread of the runs the value is interpolated from (at most {largest_there:.2f} dB). "
+                f"{summary}")
+    return (f"The {winner} arch wins at {_rates_text([row[0] for row, _ in won])} nats per image, by "
+            f"{min(margins):.2f}-{max(margins):.2f} dB, more than the seed spread of the runs each value is "
+            f"interpolated from (at most {largest_there:.2f} dB); at {_rates_text([row[0] for row, _ in within])} "
+            f"nats per image the difference ({', '.join(f'{diff:+.2f}' for _, diff in within)} dB) is within the "
+            f"seed spread there ({', '.join(f'{row[3]:.2f}' for row, _ in within)} dB). Overall, {span}. {summary}")
+
+
+def analyse(points: list[Point]) -> dict:
+    """Everything the report derives from the points: seed-mean curves, the equal-rate rows, spreads, verdict."""
+    curves = {arch: mean_curve(points, arch) for arch in ARCHS}
+    rows = [(rate, plain, resnet, local_spread(points, rate)) for rate, plain, resnet in equal_rate_comparison(curves)]
+    spreads = seed_spreads(points)
+    return {"curves": curves, "comparison": rows, "seed_spreads": spreads,
+            "verdict": verdict(rows, [spread for _, _, spread in spreads])}
 
 
 def held_out_loss(neg_elbo: float, kl_weight: float, values: int) -> float:
@@ -480,7 +538,8 @@ def describe(variant: Variant, figures: dict) -> str:
     shape = f"widths {model.hiddens[0]}-{model.hiddens[-1]}"
     if model.arch == "resnet":
         attention = f", attention at {model.attention_resolution} px" if model.attention_resolution else ""
-        shape = f"{model.blocks_per_stage} block(s) per stage, {shape}{attention}"
+        blocks = f"{model.blocks_per_stage} block{'s' if model.blocks_per_stage > 1 else ''} per stage"
+        shape = f"{blocks}, {shape}{attention}"
     return f"{shape}, {figures['parameters'] / 1e6:.1f}M parameters, {figures['ms_per_step']:.0f} ms/step"
 
 
@@ -501,9 +560,6 @@ def reconstruction_grids(plan: Plan, variants: dict[str, Variant], manifest: Pat
 
 def summarise(plan: Plan, points: list[Point], timing: dict, variants: dict[str, Variant], commands: dict,
               grids: dict, machine_: dict, seconds: float, quick: bool, out_path: Path, jobs: int) -> dict:
-    curves = {arch: mean_curve(points, arch) for arch in ARCHS}
-    comparison = equal_rate_comparison(curves)
-    spreads = seed_spreads(points)
     command = "python -m distvae.bench.quality" + (" --quick" if quick else "") + \
         ("" if plan.steps == (QUICK if quick else FULL).steps else f" --steps {plan.steps}") + f" --out {out_path}"
     return {"plan": {key: value for key, value in plan.__dict__.items() if key not in ("plain", "resnet_candidates")},
@@ -511,9 +567,8 @@ def summarise(plan: Plan, points: list[Point], timing: dict, variants: dict[str,
             "variants": {arch: variant.label for arch, variant in variants.items()},
             "train_commands": {arch: " ".join(_shorten(part) for part in command_) for arch, command_ in
                                commands.items()},
-            "points": [point.__dict__ for point in points], "curves": curves, "comparison": comparison,
-            "seed_spreads": spreads, "verdict": verdict(comparison, [spread for _, _, spread in spreads]),
-            "grids": grids, "date": time.strftime("%Y-%m-%d")}
+            "points": [point.__dict__ for point in points], **analyse(points), "grids": grids,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _shorten(part: str) -> str:
@@ -601,10 +656,13 @@ def write_markdown(path: Path, report: dict) -> None:
             "Each arch's seed-mean curve (mean PSNR against the geometric mean rate of each kl_weight), interpolated "
             "linearly in log rate, at rates evenly spaced over the range both reach:",
             "",
-            "| rate (nats/image) | PSNR plain (dB) | PSNR resnet (dB) | resnet - plain (dB) |",
-            "|---|---|---|---|",
-            *[f"| {rate:.2f} | {plain:.2f} | {resnet:.2f} | {resnet - plain:+.2f} |" for rate, plain, resnet in
-              comparison],
+            "| rate (nats/image) | PSNR plain (dB) | PSNR resnet (dB) | resnet - plain (dB) | seed spread there (dB) |",
+            "|---|---|---|---|---|",
+            *[f"| {rate:.2f} | {plain:.2f} | {resnet:.2f} | {resnet - plain:+.2f} | "
+              f"{'n/a' if spread is None else f'{spread:.2f}'} |" for rate, plain, resnet, spread in comparison],
+            "",
+            "The seed spread there is the largest PSNR gap between the two seeds of the runs the row is interpolated "
+            "from (either arch, the kl_weights whose rates bracket it).",
         ]
     else:
         lines.append("The two archs reach no common rate: no equal-rate comparison.")
@@ -668,7 +726,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_args(args: argparse.Namespace) -> None:
     """`distvae bench quality` and `python -m distvae.bench.quality`, from their parsed arguments."""
     if args.render:
-        write_markdown(Path(args.out), json.loads(Path(args.render).read_text()))
+        report = json.loads(Path(args.render).read_text())
+        write_markdown(Path(args.out), {**report, **analyse([Point(**point) for point in report["points"]])})
     else:
         bench_quality(args.quick, args.steps, args.out, args.json, args.jobs)
 
