@@ -51,56 +51,31 @@ def _recorder(rows: list[LayerRow], name: str):
     return hook
 
 
-def saved_bytes_per_image(cfg: ModelConfig, device: str = "meta") -> int:
-    """Bytes of the tensors autograd keeps for backward in one training forward of one image (fp32), parameters
-    left out: what activation memory costs per image, for every arch, counted where it is saved (a residual
-    block's inner activations are no module's output). On the meta device by default: no memory, no compute."""
+def _saved_tensors(cfg: ModelConfig, device: str = "meta") -> tuple[dict, dict]:
+    """One training forward of one image, recording what autograd saves for backward (parameters left out):
+    ({stage index, or None outside the stages: {storage: tensor}}, {id: the input of each stage}). A stage is
+    an nn.Sequential of the resnet arch (what train.activation_checkpointing recomputes). One storage saved by
+    two operations (a tensor and a view of it) is one entry: real tensors keyed by address, meta tensors (which
+    have none) by the tensor their view was taken from. Tensors are kept alive, so no id is reused."""
     with torch.device(device):
         model = build_model(cfg).train()
         image = torch.zeros(1, cfg.channels, cfg.resolution, cfg.resolution)
         cond = torch.zeros(1, cfg.cond_dim) if cfg.cond_dim else None
         eps = torch.zeros(1, model.latent_dim)
     parameters = {id(p) for p in model.parameters()}
-    saved: dict[int, torch.Tensor] = {}  # kept alive, so that no id is reused while counting
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in parameters:
-            saved[id(tensor)] = tensor
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(image, cond, eps)
-    # One storage saved by two operations (a tensor and a view of it) counts once: real tensors by their address,
-    # meta tensors (which have none) by the tensor their view was taken from.
-    if device != "meta":
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved.values()}
-    else:
-        storages = {id(t if t._base is None else t._base): t.untyped_storage().nbytes() for t in saved.values()}
-    return sum(storages.values())
-
-
-def checkpointed_bytes_per_image(cfg: ModelConfig) -> int:
-    """About what saved_bytes_per_image becomes with train.activation_checkpointing: each stage (resnet) keeps
-    only its input, and backward recomputes one stage at a time, so add the largest stage's own saved tensors.
-    Counted on the meta device from the same forward, each saved tensor charged to the stage it was saved in."""
-    with torch.device("meta"):
-        model = build_model(cfg).train()
-        image = torch.zeros(1, cfg.channels, cfg.resolution, cfg.resolution)
-        cond = torch.zeros(1, cfg.cond_dim) if cfg.cond_dim else None
-        eps = torch.zeros(1, model.latent_dim)
-    stages = [layer for part in (model.encoder, model.decoder) for layer in part if isinstance(layer, nn.Sequential)]
-    parameters = {id(p) for p in model.parameters()}
     current: list[int] = []
-    inside: dict[int, dict[int, torch.Tensor]] = {index: {} for index in range(len(stages))}
-    outside: dict[int, torch.Tensor] = {}
+    saved: dict[int | None, dict[int, torch.Tensor]] = {}
     inputs: dict[int, torch.Tensor] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if id(tensor) not in parameters:
-            (inside[current[-1]] if current else outside)[id(tensor if tensor._base is None else tensor._base)] = tensor
+            base = tensor if tensor._base is None else tensor._base
+            key = id(base) if device == "meta" else base.untyped_storage().data_ptr()
+            saved.setdefault(current[-1] if current else None, {})[key] = tensor
         return tensor
 
     hooks = []
+    stages = [layer for part in (model.encoder, model.decoder) for layer in part if isinstance(layer, nn.Sequential)]
     for index, stage in enumerate(stages):
         def enter(_module, args, index=index):
             current.append(index)
@@ -114,9 +89,28 @@ def checkpointed_bytes_per_image(cfg: ModelConfig) -> int:
         model(image, cond, eps)
     for hook in hooks:
         hook.remove()
-    size = lambda tensors: sum(t.untyped_storage().nbytes() for t in tensors)  # noqa: E731
-    kept = size(outside.values()) + size(t for key, t in inputs.items() if key not in outside)
-    return kept + max((size(saved.values()) for saved in inside.values()), default=0)
+    return saved, inputs
+
+
+def _nbytes(tensors) -> int:
+    return sum(tensor.untyped_storage().nbytes() for tensor in tensors)
+
+
+def saved_bytes_per_image(cfg: ModelConfig, device: str = "meta") -> int:
+    """Bytes of the tensors autograd keeps for backward in one training forward of one image (fp32), parameters
+    left out: what activation memory costs per image, for every arch, counted where it is saved (a residual
+    block's inner activations are no module's output). On the meta device by default: no memory, no compute."""
+    saved, _ = _saved_tensors(cfg, device)
+    return _nbytes({key: tensor for group in saved.values() for key, tensor in group.items()}.values())
+
+
+def checkpointed_bytes_per_image(cfg: ModelConfig) -> int:
+    """About what saved_bytes_per_image becomes with train.activation_checkpointing: each stage (resnet) keeps
+    only its input, and backward recomputes one stage at a time, so add the largest stage's own saved tensors."""
+    saved, inputs = _saved_tensors(cfg)
+    outside = saved.pop(None, {})
+    kept = _nbytes(outside.values()) + _nbytes(t for key, t in inputs.items() if key not in outside)
+    return kept + max((_nbytes(group.values()) for group in saved.values()), default=0)
 
 
 def activation_bytes_per_image(rows: list[LayerRow], bytes_per_value: int) -> int:
