@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distvae.bench.quality import (
+from distvae.bench.quality import QUICK
+from distvae.bench.rate_distortion import (
     PLOT_SIZE,
-    QUICK,
     Point,
     analyse,
     equal_rate_comparison,
