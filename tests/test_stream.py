@@ -436,17 +436,24 @@ def test_random_access_equals_sequential_reads_through_cache_evictions(tmp_path)
     reader.close()
 
 
-def test_a_script_that_stops_mid_epoch_exits_with_its_workers_alive(uneven, tmp_path):
-    """Workers ignore SIGTERM; an endless loader left open at exit must not hang the interpreter."""
+@pytest.mark.parametrize("reader", ["planned", "piped", "validation"])
+def test_a_script_that_stops_mid_epoch_exits_with_its_workers_alive(uneven, tmp_path, reader):
+    """Workers ignore SIGTERM; a loader left open at exit must not hang the interpreter: the endless planned
+    loader, a sequential (pipe:) epoch's loader, and validation's persistent one."""
     import subprocess
     import sys
 
+    manifest = str(tmp_path / "uneven" / "manifest.json")
+    spec = ",".join(f"pipe:cat {shard.url}" for shard in uneven) if reader == "piped" else manifest
     script = tmp_path / "stop.py"
     script.write_text(
         "from distvae.data.shards import resolve_shards\nfrom distvae.data.stream import ShardStream\n"
-        f"stream = ShardStream(resolve_shards({str(tmp_path / 'uneven' / 'manifest.json')!r}), batch_size=4, "
-        "resolution=4, num_workers=2)\nbatches = iter(stream)\nprint(len([next(batches) for _ in range(3)]))\n")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+        f"stream = ShardStream(resolve_shards({spec!r}), batch_size=4, resolution=4, num_workers=2, "
+        f"train={reader != 'validation'})\nbatches = iter(stream)\nprint(len([next(batches) for _ in range(3)]))\n")
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{reader}: the script printed its batches but did not exit within 60 s")
     assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr[-2000:]
 
 

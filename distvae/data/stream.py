@@ -349,6 +349,8 @@ class ShardStream:
             items = iter(self._validation_loader)
         else:
             items = iter(self._loader(dataset))
+        if self.num_workers:
+            _live_loaders.add(items)
         yield from map(self._to_batch, items)
 
     def _endless(self) -> Iterator[Batch]:
@@ -396,8 +398,9 @@ class ShardStream:
 
 
 # Workers ignore SIGTERM (see _ignore_stop_signals), so multiprocessing's exit handler, which terminates
-# and joins them, would wait forever for an endless loader still open at interpreter exit (a script that
-# stops iterating mid-epoch). Registered after multiprocessing's handler, this one runs first.
+# and joins them, would wait forever for any loader still open at interpreter exit (a script that stops
+# iterating mid-epoch: the endless loader, a sequential epoch's, validation's persistent one). Registered
+# after multiprocessing's handler, this one runs first.
 _live_loaders: weakref.WeakSet = weakref.WeakSet()
 
 
