@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from distvae.data.shards import SeekableShards, Shard, ShardError, is_seekable, read_manifest, read_samples
+from distvae.data.seekable import SeekableShards
+from distvae.data.shards import Shard, ShardError, is_seekable, read_manifest, read_samples
 from distvae.errors import UserError
 
 ROWS = 4096

@@ -124,7 +124,7 @@ def test_celeba_original_bytes(celeba, tmp_path):
     assert [sh["samples"] for sh in splits["train"]["shards"]] == [4, 2]
     assert [sh["file"] for sh in splits["train"]["shards"]] == ["celeba-train-000000.tar", "celeba-train-000001.tar"]
     listed = {sh["file"] for s in splits.values() for sh in s["shards"]}
-    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}
+    assert {p.name for p in out.iterdir()} == listed | {f + ".idx" for f in listed} | {"manifest.json"}
     for split in splits.values():
         for shard in split["shards"]:
             assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]

@@ -16,7 +16,8 @@ from PIL import Image
 import distvae.data.batches as batches_module
 from distvae.data.batches import buffer_shuffle
 from distvae.data.decode import decode_sample
-from distvae.data.shards import SeekableShards, count_samples, read_samples, resolve_shards
+from distvae.data.seekable import SeekableShards
+from distvae.data.shards import count_samples, read_samples, resolve_shards
 from distvae.data.stream import ShardStream
 from distvae.errors import UserError
 
@@ -288,6 +289,25 @@ def test_pipe_and_http_give_the_same_batches(tmp_path):
     assert sum(local_sequential, []) == list(range(32))  # validation: in order
 
 
+def test_a_piped_manifest_gives_every_shard_its_count_without_streaming_any(tmp_path, monkeypatch):
+    """`pipe:CMD .../manifest.json`: the shards are the same command on each shard's name, the counts are the
+    manifest's. Without it, every pipe: shard is streamed once at start-up to count its samples."""
+    import distvae.data.shards as shards_module
+
+    files = write_shards(tmp_path / "web", [9, 14, 11])
+    listed = [ids_of(b) for b in take(make_stream(resolve_shards(",".join(f"pipe:cat {f}" for f in files))), 8)]
+    monkeypatch.setattr(shards_module, "scan_shard", lambda url: pytest.fail(f"{url} was streamed to count it"))
+    folder = tmp_path / "web"
+    by_manifest = resolve_shards(f"pipe:dd status=none bs=1M if={folder}/manifest.json")
+    assert [(s.url, s.samples) for s in by_manifest] == [
+        (f"pipe:dd status=none bs=1M if={folder}/toy-train-00000{i}.tar", n) for i, n in enumerate([9, 14, 11])]
+    assert [ids_of(b) for b in take(make_stream(by_manifest), 8)] == listed
+    with pytest.raises(UserError, match="has no split 'val'"):
+        resolve_shards(f"pipe:cat {folder}/manifest.json#val")
+    with pytest.raises(UserError, match=f"cannot read shard manifest pipe:cat {folder}/missing/manifest.json"):
+        resolve_shards(f"pipe:cat {folder}/missing/manifest.json")
+
+
 def test_jpeg_decode_matches_the_reference_transform():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (22, 18, 3), dtype=np.uint8)
@@ -423,7 +443,7 @@ def test_random_access_equals_sequential_reads_through_cache_evictions(tmp_path)
     """A shuffle block spans more shards than stay mapped: evicted maps and indexes are rebuilt exactly."""
     import random
 
-    from distvae.data.shards import SeekableShards
+    from distvae.data.seekable import SeekableShards
 
     files = write_shards(tmp_path / "many", [50] * 20)
     sequential = {(f, i): s for f in files for i, s in read_samples(f)}

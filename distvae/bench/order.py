@@ -19,7 +19,8 @@ import numpy as np
 from distvae.config import DataConfig
 from distvae.data.batches import buffer_shuffle
 from distvae.data.plan import GlobalPlan
-from distvae.data.shards import SeekableShards, Shard, read_samples
+from distvae.data.seekable import SeekableShards
+from distvae.data.shards import Shard, read_samples
 
 CELEBA_COUNTS = [1000] * 162 + [770]
 BATCH = 64

@@ -28,7 +28,8 @@ import torch
 
 from distvae.data.decode import decode_sample
 from distvae.data.plan import GlobalPlan
-from distvae.data.shards import SeekableShards, Shard, ShardError, read_samples
+from distvae.data.seekable import SeekableShards
+from distvae.data.shards import Shard, ShardError, read_samples
 
 REPLACE_SALT = 0x5E91ACE  # keys the choice of the good sample that stands in for a bad one
 _C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

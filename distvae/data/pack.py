@@ -5,12 +5,13 @@
     distvae pack --src ~/photos --out shards/photos --resolution 128 --format png        # any folder, any sizes
 
 Writes OUT/NAME-SPLIT-000000.tar, -000001.tar, ... (SPLIT = train/val/test, --shard-size samples each) and then
-OUT/manifest.json. Samples are written in a random order drawn from --seed (--order source keeps the source
-order): a folder sorted by class, identity or date would otherwise give shards, and so batches, of one
-kind. Each sample is two USTAR members, `KEY.EXT` (jpg/png holding the original
-bytes, or npy/png/jpg when pre-resized) followed by `KEY.json` (compact, sorted keys: src, split, attrs?,
-identity?, and crop + resolution when pre-resized, so the stream never crops such a sample again). Member
-metadata is fixed, so the same input gives byte-identical shards for any --workers.
+OUT/manifest.json, and beside each shard its index, NAME-SPLIT-000000.tar.idx (the members' offsets, 32 bytes a
+sample: a resumed run opens a shard without reading its headers; see seekable.py). Samples are written in a
+random order drawn from --seed (--order source keeps the source order): a folder sorted by class, identity or
+date would otherwise give shards, and so batches, of one kind. Each sample is two USTAR members, `KEY.EXT`
+(jpg/png holding the original bytes, or npy/png/jpg when pre-resized) followed by `KEY.json` (compact, sorted
+keys: src, split, attrs?, identity?, and crop + resolution when pre-resized, so the stream never crops such a
+sample again). Member metadata is fixed, so the same input gives byte-identical shards for any --workers.
 
 CelebA roots keep the partition file's order and split; crop = torchvision CenterCrop(168) then resize.
 Plain folders take every jpg/jpeg/png/webp at any depth, split by a hash of the relative path (adding files never
@@ -42,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from distvae.data.decode import CELEBA_CROP, center_box, crop_side, draft, fit
+from distvae.data.seekable import INDEX_SUFFIX, write_index
 from distvae.errors import UserError
 
 FORMAT = "distvae-shards-v1"
@@ -307,6 +309,7 @@ class _ShardWriter:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         os.replace(self._partial, self._final)
+        write_index(str(self._final))  # the members' offsets: random access opens a shard with one small read
         self.shards.append({"file": self._final.name, "samples": self._count, "sha256": digest.hexdigest()})
         self._count = 0
 
@@ -323,7 +326,8 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise UserError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return
-    old = sorted(out.glob("*.tar")) + [p for p in [out / "manifest.json"] if p.exists()]
+    old = sorted(out.glob("*.tar")) + sorted(out.glob(f"*.tar{INDEX_SUFFIX}")) + \
+        [p for p in [out / "manifest.json"] if p.exists()]
     if old and not force:
         raise UserError(f"{out} already holds shards; pass --force to replace them or choose another --out")
     for path in old + sorted(out.glob(".*.partial")):  # .partial files are leftovers of a killed pack

@@ -8,24 +8,27 @@ Shard specs accepted wherever a config asks for shards (`data.train_shards`, `da
     shards/celeba/manifest.json#val                        or named after '#')
     http://host/celeba/celeba-train-{000000..000039}.tar   http(s) URLs
     pipe:aws s3 cp s3://bucket/celeba-train-000000.tar -   any command that writes a tar to stdout
+    pipe:aws s3 cp s3://bucket/celeba/manifest.json -      a command that writes the manifest: each shard is
+                                                           the same command with the shard's name in its place
 
 Every shard needs a sample count (the stream plans equal work for every rank before reading) and the
 crop done to it at pack time (so the stream never crops twice): both come from the `manifest.json` next
-to the shards when there is one, otherwise from one pass over the tar (the count from its headers, the
-crop from the first sample's JSON, which `distvae pack --resolution` writes into every sample).
+to the shards when there is one (or the one a pipe: command fetches), otherwise from one pass over the tar
+(the count from its headers, the crop from the first sample's JSON, which `distvae pack --resolution`
+writes into every sample). For pipe: shards without a manifest, that pass streams every shard once at
+every start, a resumed one included: name the manifest in the command instead.
 
 `read_samples` is a lean tar reader for the training stream: webdataset's generic pipeline costs
 0.13-0.2 ms per sample before any decoding, more than a pre-resized 64 px image takes to load. It
 parses USTAR/GNU headers itself, groups members into samples by key, and skips the payload of samples
-it does not need (a seek for local files), so resuming mid-epoch never reads what it skips.
+it does not need (a seek for local files), so resuming mid-epoch never reads what it skips. Reading a
+local shard at any sample (the planned order) is `seekable.py`.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
-import math
 import mmap
 import os
 import re
@@ -34,12 +37,10 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from braceexpand import braceexpand
 
 from distvae.errors import UserError
@@ -76,20 +77,41 @@ def _split_list(spec: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def _json_word(url: str) -> str | None:
+    """The one word of a pipe: command that names a .json file: `pipe:aws s3 cp s3://b/celeba/manifest.json -`."""
+    if not url.startswith("pipe:"):
+        return None
+    words = [word for word in url[5:].split() if word.endswith(".json")]
+    return words[0] if len(words) == 1 else None
+
+
+def _names_manifest(url: str) -> bool:
+    return url.endswith(".json") or _json_word(url) is not None
+
+
 def _read_json(url: str) -> dict | None:
     try:
+        if url.startswith("pipe:"):
+            result = subprocess.run(url[5:], shell=True, capture_output=True, timeout=READ_TIMEOUT)
+            return json.loads(result.stdout) if result.returncode == 0 else None
         if _is_remote(url):
             with urllib.request.urlopen(url, timeout=30) as response:
                 return json.loads(response.read())
         path = Path(url)
         return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
 
 
 def _sibling(url: str, name: str) -> str | None:
+    """The file `name` in the same folder as `url`; for a pipe: command that names a .json file, the same
+    command with that word pointing at `name` instead (the shards beside a piped manifest)."""
     if url.startswith("pipe:"):
-        return None
+        word = _json_word(url)
+        if word is None:
+            return None
+        moved = word.rsplit("/", 1)[0] + "/" + name if "/" in word else name
+        return re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", lambda _: moved, url, count=1)
     if _is_remote(url):
         return urllib.parse.urljoin(url, name)
     return str(Path(url).parent / name)
@@ -107,7 +129,7 @@ def _shards_in_manifest(manifest: dict) -> dict[str, tuple[int, str | None, str]
 def read_manifest(spec: str, shards: list[Shard]) -> dict:
     """The manifest a spec names, or the one beside its first shard; {} when there is none."""
     url = spec.partition("#")[0]
-    if not url.endswith(".json"):
+    if not _names_manifest(url):
         url = _sibling(shards[0].url, "manifest.json") if shards else None
     return (_read_json(url) or {}) if url else {}
 
@@ -117,7 +139,7 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
     if not spec.strip():
         raise UserError("no shards given: set data.train_shards (a brace pattern, a list, or a manifest.json)")
     manifest_url, _, manifest_split = spec.partition("#")
-    if manifest_url.endswith(".json"):
+    if _names_manifest(manifest_url):
         manifest = _read_json(manifest_url)
         if manifest is None:
             raise UserError(f"cannot read shard manifest {manifest_url}: run `distvae pack` first or fix the path")
@@ -351,179 +373,6 @@ def scan_shard(url: str) -> tuple[int, dict]:
     return count, meta if isinstance(meta, dict) else {}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Random access
-
-
 def is_seekable(url: str) -> bool:
     """Local (or mounted) files can be read at any sample; pipe: and http(s) only from the start."""
     return not url.startswith("pipe:") and not _is_remote(url)
-
-
-class _MapView:
-    """read/skip over a memory map from any offset, for _members."""
-
-    def __init__(self, data, position: int):
-        self.map, self.position, self.member_start = data, position, position
-
-    def read(self, size: int) -> bytes:
-        data = self.map[self.position : self.position + size]
-        self.position += len(data)
-        return data
-
-    def skip(self, size: int) -> bool:
-        self.position += size
-        return self.position <= len(self.map)
-
-
-@dataclass
-class _ShardIndex:
-    starts: np.ndarray  # int64 offset of each whole sample's first header
-    ends: np.ndarray  # int64 offset just past its last member
-    damage: str | None  # why the index stops early, when it does
-    npy: np.ndarray  # int64 (offset, size) of each sample's .npy payload; (-1, 0) where it has none
-    layout: tuple | None | bool = False  # False: not looked at yet; None: not one fixed layout; else see npy_layout
-
-
-def _index(url: str, data) -> _ShardIndex:
-    view = _MapView(data, 0)
-    keys, starts, ends, npy, damage = [], [], [], [], None
-    try:
-        for name, size, padded in _members(view):
-            start, payload = view.member_start, view.position
-            if not view.skip(padded):
-                raise ShardError(f"ends inside member {name} (truncated)")
-            match = _KEY.match(name)
-            if match is None:
-                continue
-            if not keys or match.group(1) != keys[-1]:
-                keys.append(match.group(1))
-                starts.append(start)
-                ends.append(view.position)
-                npy.append((-1, 0))
-            else:
-                ends[-1] = view.position
-            if match.group(2).lower() == "npy":
-                npy[-1] = (payload, size)
-    except ShardError as error:
-        damage = str(error)
-        if keys:  # the last sample may be cut: only whole samples before the damage count
-            starts.pop(), ends.pop(), npy.pop()
-    return _ShardIndex(np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), damage,
-                       np.asarray(npy, dtype=np.int64).reshape(-1, 2))
-
-
-def _npy_layout(data, index: _ShardIndex) -> tuple[int, tuple[int, ...]] | None:
-    """(header length, shape) when every sample's .npy member is uint8 in C order with one header, else None.
-
-    Pre-resized shards are made so (pack.py): then a sample's pixels sit at a fixed offset in its
-    payload and a batch is gathered with one slice a sample, with no tar or npy parsing per sample.
-    """
-    if not len(index.npy) or (index.npy[:, 0] < 0).any():
-        return None
-    first, size = (int(value) for value in index.npy[0])
-    head = bytes(data[first : first + min(size, 4096)])
-    if head[:6] != b"\x93NUMPY" or len(head) < 10:
-        return None
-    field = 4 if head[6] >= 2 else 2
-    length = 8 + field + int.from_bytes(head[8 : 8 + field], "little")
-    header = head[:length]
-    try:
-        fields = ast.literal_eval(header[8 + field :].decode("latin1").strip())
-    except (ValueError, SyntaxError):
-        return None
-    shape = tuple(fields.get("shape", ()))
-    if fields.get("fortran_order") or np.dtype(fields.get("descr", "O")) != np.uint8 or \
-            (index.npy[:, 1] != length + math.prod(shape)).any():
-        return None
-    if any(bytes(data[offset : offset + length]) != header for offset in index.npy[1:, 0].tolist()):
-        return None
-    return length, shape
-
-
-def _map(url: str):
-    with open(url, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-
-
-class SeekableShards:
-    """Samples of local shards by index, one per data worker (a map does not cross fork/pickle boundaries).
-
-    A shard's member offsets are read from its headers on first use (payloads are not touched) and kept
-    as two int64 arrays (16 bytes a sample) for up to `keep_indexes` shards; up to `keep_maps` shards stay
-    memory-mapped (each map holds a file descriptor). A shuffle block spans far more shards than are
-    mapped at once: reopening a map is cheap, indexing a shard again is not, so the two are kept apart.
-    """
-
-    def __init__(self, keep_maps: int = 128, keep_indexes: int = 16384):
-        self.keep_maps, self.keep_indexes = keep_maps, keep_indexes
-        self.maps: OrderedDict[str, object] = OrderedDict()
-        self.indexes: OrderedDict[str, _ShardIndex] = OrderedDict()
-
-    def _shard(self, url: str):
-        data = self.maps.get(url)
-        if data is None:
-            data = self.maps[url] = _map(url)
-            while len(self.maps) > self.keep_maps:
-                _, old = self.maps.popitem(last=False)
-                if not isinstance(old, bytes):
-                    old.close()
-        self.maps.move_to_end(url)
-        index = self.indexes.get(url)
-        if index is None:
-            index = self.indexes[url] = _index(url, data)
-            while len(self.indexes) > self.keep_indexes:
-                self.indexes.popitem(last=False)
-        self.indexes.move_to_end(url)
-        return data, index
-
-    def sample(self, url: str, index: int) -> dict:
-        """{ext: bytes, "__key__": key} of sample `index`; ShardError when the shard cannot give it."""
-        try:
-            data, shard = self._shard(url)
-        except OSError as error:
-            raise ShardError(f"cannot be opened: {error.strerror or error}") from None
-        if index >= len(shard.starts):
-            raise ShardError(shard.damage or f"holds {len(shard.starts)} samples, fewer than its manifest says")
-        view = _MapView(data, int(shard.starts[index]))
-        end, sample = int(shard.ends[index]), {}
-        for name, size, padded in _members(view):
-            match = _KEY.match(name)
-            if match is None:
-                view.skip(padded)
-            else:
-                sample.setdefault("__key__", match.group(1))
-                sample[match.group(2).lower()] = view.read(padded)[:size]
-            if view.position >= end:
-                break
-        return sample
-
-    def gather_npy(self, url: str, indices: np.ndarray, shape: tuple[int, ...], out: np.ndarray,
-                   slots: np.ndarray) -> np.ndarray | None:
-        """Copy the pixels of samples `indices` of a fixed-layout npy shard into out[slots]; a bool array says
-        which were there (False past a damaged end). None when the shard is not one fixed layout of
-        `shape`: the caller decodes its samples one by one instead."""
-        try:
-            data, shard = self._shard(url)
-        except OSError as error:
-            raise ShardError(f"cannot be opened: {error.strerror or error}") from None
-        if shard.layout is False:
-            shard.layout = _npy_layout(data, shard)
-        if shard.layout is None or shard.layout[1] not in (shape, shape[:2] if shape[2:] == (1,) else shape):
-            return None
-        present = indices < len(shard.starts)
-        flat, length, count = np.frombuffer(data, dtype=np.uint8), shard.layout[0], math.prod(shape)
-        try:
-            for slot, offset in zip(slots[present].tolist(), shard.npy[indices[present], 0].tolist()):
-                out[slot] = flat[offset + length : offset + length + count].reshape(shape)
-        finally:
-            del flat  # a live view of a map keeps it from being closed
-        return present
-
-    def close(self) -> None:
-        for data in self.maps.values():
-            if not isinstance(data, bytes):
-                data.close()
-        self.maps.clear()
-        self.indexes.clear()

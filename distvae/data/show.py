@@ -16,7 +16,8 @@ from pathlib import Path
 
 from distvae.config import Config
 from distvae.data.plan import GlobalPlan, check_global_batch
-from distvae.data.shards import SeekableShards, ShardError, is_seekable, resolve_shards
+from distvae.data.seekable import SeekableShards
+from distvae.data.shards import ShardError, is_seekable, resolve_shards
 from distvae.errors import UserError
 
 
