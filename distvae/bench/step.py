@@ -52,6 +52,7 @@ import torch
 
 WAYS = ("bare_loop", "distvae_loop", "distvae_e2e")
 TARGETS = {"distvae_loop": 0.95, "distvae_e2e": 0.85, "ddp": 0.85}  # x bare_loop; ddp: x the run without all-reduce
+HOST_CACHE_TARGET = 0.95  # distvae_e2e x bare_loop when its stream read the shards into host memory (data.cache=host)
 DATA_BOUND = 0.95  # e2e under this share of the in-memory loop's rate: reading the data costs the difference
 WARMUP, QUICK_WARMUP = 3, 2  # untimed first steps: allocator, autocast caches, first log line
 LOG_EVERY, CHECKPOINT_EVERY = 10, 1000
@@ -200,6 +201,8 @@ def _figures(runs: list[dict]) -> dict:
     for key in ("ms_per_step", "ms_in_train_step", "ms_between_steps", "data_wait_share", "end_seconds"):
         if key in runs[0]:
             merged[key] = statistics.median(run[key] for run in runs)
+    if "data_cache" in runs[0]:
+        merged["data_cache"] = runs[0]["data_cache"]
     return merged
 
 
@@ -211,7 +214,9 @@ def _summarise(figures, ddp_figures, setups, ddp_why, settings) -> dict:
             entry = report[way][setup.name]
             entry["ratio"] = entry["images_per_second"] / bare
             if way in TARGETS:
-                entry["target"], entry["pass"] = TARGETS[way], entry["ratio"] >= TARGETS[way]
+                target = HOST_CACHE_TARGET if entry.get("data_cache") == "host" and way == "distvae_e2e" else \
+                    TARGETS[way]
+                entry["target"], entry["pass"] = target, entry["ratio"] >= target
         e2e, loop = report["distvae_e2e"][setup.name], report["distvae_loop"][setup.name]
         e2e["vs_distvae_loop"] = e2e["images_per_second"] / loop["images_per_second"]
         e2e["bound"] = "data-bound" if e2e["vs_distvae_loop"] < DATA_BOUND else "compute-bound"
@@ -259,7 +264,8 @@ def verdict_lines(report: dict) -> list[str]:
         lines.append(f"{name}: distvae_loop {loop['ratio']:.2f}x bare_loop: {cost} ({loop['ms_in_train_step']:.1f} ms "
                      f"in train_step + {loop['ms_between_steps']:.1f} ms between steps, bare {bare['ms_per_step']:.1f} "
                      f"ms per step); target >= {loop['target']:g}x: {'PASS' if loop['pass'] else 'MISS'}")
-        lines.append(f"{name}: distvae_e2e {e2e['ratio']:.2f}x bare_loop, {e2e['vs_distvae_loop']:.2f}x distvae_loop: "
+        lines.append(f"{name}: distvae_e2e (data.cache={e2e.get('data_cache', '?')}) {e2e['ratio']:.2f}x bare_loop, "
+                     f"{e2e['vs_distvae_loop']:.2f}x distvae_loop: "
                      f"{e2e['bound']} (data wait {e2e['data_wait_share']:.0%} of the step time); target >= "
                      f"{e2e['target']:g}x: {'PASS' if e2e['pass'] else 'MISS'}; what would help most: "
                      f"{advice(report, name)}")
@@ -449,10 +455,22 @@ def distvae_loop(cfg, job: dict) -> dict:
             return MemoryStream(made[0], batches), *made[1:]
         return MemoryStream(made, batches)
 
+    caches = []  # what the training stream read from: data.cache as auto resolved it
+
+    def recorded_stream(*args, **kwargs):
+        made = real_stream(*args, **kwargs)
+        stream = made[0] if isinstance(made, tuple) else made
+        if stream.spec.train:
+            caches.append("none" if stream.cache is None else "host" if stream.cache.images.device.type == "cpu"
+                          else "device")
+        return made
+
     trainer.train_step = timed_step
     if job["way"] == "distvae_loop":
         batches = memory_batches(cfg, rank, world, pin=job["device"] == "cuda")
         trainer.make_stream = memory_stream
+    else:
+        trainer.make_stream = recorded_stream
     code = trainer.train(cfg)
     ended = time.perf_counter()
     if code != 0 or len(spans) != job["warmup"] + job["steps"]:
@@ -463,7 +481,8 @@ def distvae_loop(cfg, job: dict) -> dict:
     return {"images_per_second": job["steps"] * cfg.data.batch_size * world / seconds,
             "ms_in_train_step": 1000 * inside / job["steps"],
             "ms_between_steps": 1000 * (seconds - inside) / job["steps"],
-            "data_wait_share": sum(wait for _, _, wait in timed) / seconds, "end_seconds": ended - spans[-1][1]}
+            "data_wait_share": sum(wait for _, _, wait in timed) / seconds, "end_seconds": ended - spans[-1][1],
+            "data_cache": caches[0] if caches else "memory"}
 
 
 def worker(job: dict) -> None:
@@ -480,7 +499,7 @@ def worker(job: dict) -> None:
 
     figures["peak_rss_mib"] = peak_rss_mib()
     figures["threads"] = torch.get_num_threads()
-    if not all(math.isfinite(value) for value in figures.values()):
+    if not all(math.isfinite(value) for value in figures.values() if not isinstance(value, str)):
         raise RuntimeError(f"non-finite figures: {figures}")
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
