@@ -1,10 +1,15 @@
 """Random access to local shards: the index pack writes beside each shard, and when it must not be used."""
 
+import io
+import json
+import tarfile
+
 import numpy as np
 import pytest
-from test_stream import RES, ids_of, write_shards
+from test_stream import RES, add_member, ids_of, image_for, npy_bytes, write_shards
 
 import distvae.data.seekable as seekable
+from distvae.data.decode import decode_sample
 from distvae.data.seekable import INDEX_SUFFIX, SeekableShards, load_index, scan_index, write_index
 from distvae.data.shards import read_samples, resolve_shards
 from distvae.data.stream import ShardStream
@@ -117,11 +122,6 @@ def test_an_index_that_does_not_fit_its_shard_is_not_used(tmp_path, damage):
 
 def test_a_shard_whose_npy_headers_differ_is_never_gathered_with_or_without_its_index(tmp_path):
     """Sample 3 is stored in Fortran order: the same size, another header, its pixels in another order."""
-    import io
-    import tarfile
-
-    from test_stream import add_member, image_for
-
     path = str(tmp_path / "odd.tar")
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample_id in range(8):
@@ -140,3 +140,23 @@ def test_a_shard_whose_npy_headers_differ_is_never_gathered_with_or_without_its_
     write_index(path)
     assert np.fromfile(path + INDEX_SUFFIX, dtype="<i8")[3] == 0  # the index says: not one header
     assert gathered() is None
+
+
+@pytest.mark.parametrize("long_metadata", [False, True])
+def test_gathers_copy_the_pixels_decoding_gives_at_one_stride_or_not(tmp_path, long_metadata):
+    """Pack's samples lie at one stride (their JSON fits a tar block): one strided copy gathers a shard's
+    samples. A sample with long metadata breaks the stride: each sample is then copied from its offset."""
+    path = str(tmp_path / "shard.tar")
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample_id in range(12):
+            add_member(tar, f"{sample_id:08d}.npy", npy_bytes(image_for(sample_id) + np.uint8(sample_id)))
+            notes = "x" * (900 if long_metadata and sample_id == 4 else 10)
+            add_member(tar, f"{sample_id:08d}.json", json.dumps({"notes": notes}).encode())
+    decoded = np.stack([decode_sample(sample, RES) for _, sample in read_samples(path)])
+    indices = np.random.default_rng(SEED).permutation(12)[:9]
+    out, reader = np.zeros((9, RES, RES, 3), dtype=np.uint8), SeekableShards()
+    present = reader.gather_npy(path, indices, (RES, RES, 3), out, np.arange(9))
+    assert present.all()
+    np.testing.assert_array_equal(out, decoded[indices])
+    assert (reader.rows[path] is None) == long_metadata
+    reader.close()

@@ -168,6 +168,18 @@ def _npy_headers_differ(data, offsets: np.ndarray, header: bytes) -> bool:
         del flat  # a live view of a map keeps it from being closed
 
 
+def _pixel_rows(data, starts: np.ndarray, count: int) -> np.ndarray | None:
+    """The pixels of every sample as rows of one strided view of the map, when the samples lie at one stride
+    (pack's shards do: a sample's metadata fits one tar block); None otherwise."""
+    if len(starts) == 0 or isinstance(data, bytes):
+        return None
+    stride = int(starts[1] - starts[0]) if len(starts) > 1 else count
+    if stride < count or (len(starts) > 1 and (np.diff(starts) != stride).any()) or starts[-1] + count > len(data):
+        return None
+    flat = np.frombuffer(data, dtype=np.uint8)
+    return np.lib.stride_tricks.as_strided(flat[int(starts[0]):], (len(starts), count), (stride, 1), writeable=False)
+
+
 def _map(url: str):
     with open(url, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -187,13 +199,15 @@ class SeekableShards:
         self.keep_maps, self.keep_indexes = keep_maps, keep_indexes
         self.maps: OrderedDict[str, object] = OrderedDict()
         self.indexes: OrderedDict[str, _ShardIndex] = OrderedDict()
+        self.rows: dict[str, np.ndarray | None] = {}  # per mapped shard: its pixels as (samples, bytes) rows, or None
 
     def _shard(self, url: str):
         data = self.maps.get(url)
         if data is None:
             data = self.maps[url] = _map(url)
             while len(self.maps) > self.keep_maps:
-                _, old = self.maps.popitem(last=False)
+                old_url, old = self.maps.popitem(last=False)
+                self.rows.pop(old_url, None)  # a live view of a map keeps it from being closed
                 if not isinstance(old, bytes):
                     old.close()
         self.maps.move_to_end(url)
@@ -240,7 +254,14 @@ class SeekableShards:
         if shard.layout is None or shard.layout[1] not in (shape, shape[:2] if shape[2:] == (1,) else shape):
             return None
         present = indices < len(shard.starts)
-        flat, length, count = np.frombuffer(data, dtype=np.uint8), shard.layout[0], math.prod(shape)
+        count = math.prod(shape)
+        if url not in self.rows:
+            self.rows[url] = _pixel_rows(data, shard.npy[:, 0] + shard.layout[0], count)
+        rows = self.rows[url]
+        if rows is not None:  # one copy for all of them
+            out.reshape(len(out), count)[slots[present]] = rows[indices[present]]
+            return present
+        flat, length = np.frombuffer(data, dtype=np.uint8), shard.layout[0]
         try:
             for slot, offset in zip(slots[present].tolist(), shard.npy[indices[present], 0].tolist()):
                 out[slot] = flat[offset + length : offset + length + count].reshape(shape)
@@ -249,6 +270,7 @@ class SeekableShards:
         return present
 
     def close(self) -> None:
+        self.rows.clear()
         for data in self.maps.values():
             if not isinstance(data, bytes):
                 data.close()
