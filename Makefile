@@ -46,12 +46,17 @@ train: setup $(SHARDS_DIR)/manifest.json
 	$(VENV)/bin/distvae train --config tiny run.dir=$(RUN_DIR) \
 		data.train_shards=$(SHARDS_DIR)/manifest.json data.val_shards=$(SHARDS_DIR)/manifest.json $(TRAIN_ARGS)
 
-# Every bench side by side (data, step, resume, e2e; about 15 minutes on 2 cores), rewriting the measured
-# section of BENCHMARKS.md. `make bench PEERS=1` adds mosaicml-streaming and litdata (installed here).
+# Every bench side by side (data, step, resume, e2e; about 14 minutes on 2 cores), rewriting the measured
+# section of BENCHMARKS.md. `make bench PEERS=1` adds mosaicml-streaming and litdata, installed in a venv of
+# their own ($(PEERS_VENV)): they pin numpy below 2.2 and an old huggingface_hub, which break the test venv.
 PEERS ?=
+PEERS_VENV ?= .venv-peers
+BENCH_PY := $(if $(PEERS),$(PEERS_VENV),$(VENV))
 bench: setup
-	$(if $(PEERS),$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_PINS))
-	$(VENV)/bin/distvae bench all $(if $(PEERS),--peers) --json bench.json
+	$(if $(PEERS),test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV))
+	$(if $(PEERS),$(PEERS_VENV)/bin/python -m pip install --quiet $(TORCH_PINS))
+	$(if $(PEERS),$(PEERS_VENV)/bin/python -m pip install --quiet -e '.[bench]' $(TORCH_PINS))
+	$(BENCH_PY)/bin/distvae bench all $(if $(PEERS),--peers) --json bench.json
 
 # The GPU tests and the step benchmarks on this machine's CUDA device (about 5 minutes on one GPU); one line
 # and nothing else without a GPU. A machine with its own CUDA torch: make gpu-check NO_SETUP=1 PY=python3

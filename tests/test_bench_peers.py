@@ -150,7 +150,9 @@ def test_quick_peer_bench_reads_the_same_images_through_every_loader(tmp_path, c
         # the same images: pre-resized pixels are identical; JPEG decoders and resizes differ by about 1/255
         assert max(means) - min(means) < (1e-9 if kind == "preresized" else 2e-3), means
         verdict = report["verdicts"][kind]
-        assert verdict["ratio"] == pytest.approx(entries[verdict["ours"]]["images_per_cpu_second"]
+        ours = entries[verdict["ours"]]  # as training takes its batches: uint8, the float conversion on the device
+        assert ours["images_per_cpu_second_float_on_device"] > ours["images_per_cpu_second"]
+        assert verdict["ratio"] == pytest.approx(ours["images_per_cpu_second_float_on_device"]
                                                  / entries[verdict["peer"]]["images_per_cpu_second"])
         assert verdict["pass"] == (verdict["ratio"] >= peers.TARGETS[kind]) == report["pass"][kind]
     # the host cache is read while the stream is built, the batched gather reads as it goes

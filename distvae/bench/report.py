@@ -23,6 +23,7 @@ from pathlib import Path
 BEGIN = "<!-- distvae bench all: begin (written by `make bench`; edits here are overwritten) -->"
 END = "<!-- distvae bench all: end -->"
 STEP_CONFIGS = "fp32_64px_cl,bf16_64px_cl"  # the 15-minute budget's share; `distvae bench step` runs all eight
+E2E_IMAGES = 2000  # 1,600 training faces: the two loops' 10 epochs x 5 rounds take about 6 minutes of the 15
 
 
 class _Tee(io.TextIOBase):
@@ -66,7 +67,8 @@ def bench_all(peers: bool = False, quick: bool = False, json_path: str | None = 
         ("step", f"distvae bench step{flag}" + ("" if quick else f" --configs {step_configs}"),
          lambda: bench_step(quick=quick, configs=None if quick else step_configs)),
         ("resume", f"distvae bench resume{flag}", lambda: bench_resume(quick=quick)),
-        ("e2e", f"distvae bench e2e{flag}", lambda: bench_e2e(quick=quick)),
+        ("e2e", f"distvae bench e2e{flag or f' --images {E2E_IMAGES}'}",
+         lambda: bench_e2e(images=E2E_IMAGES, quick=quick)),
     ]
     if peers:
         from distvae.bench.peers import bench_peers
