@@ -37,7 +37,8 @@ def test_bench_all_quick_runs_every_bench_and_writes_what_it_measured(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report, text = json.loads(out.read_text()), markdown.read_text()
     assert {"machine", "data", "step", "resume", "e2e"} <= set(report)
-    for kind in ("npy", "jpeg", "jpeg_pipe"):
+    assert {"npy", "jpeg_pipe"} <= set(report["resume"]) and "jpeg" not in report["resume"]
+    for kind in ("npy", "jpeg_pipe"):
         entry = report["resume"][kind]
         assert entry["speedup"] == pytest.approx(entry["read_through"]["seconds"] / entry["resume"]["seconds"])
         assert f"resume {kind}: batch {entry['batch_index']} of the epoch" in text
@@ -48,3 +49,15 @@ def test_bench_all_quick_runs_every_bench_and_writes_what_it_measured(tmp_path):
     assert "distvae_loop" in text and "what would help most" in text  # the step bench's table and verdicts
     assert "images/s per core" in text  # the data bench's table
     assert "## The epoch boundary" in text  # the sections recorded by hand are kept
+
+
+@pytest.mark.slow
+def test_resume_bench_on_local_jpeg_shards_finds_the_batch_reading_through_gives(tmp_path):
+    """The kind make bench leaves out: random access to original JPEGs, still a resume and still the same batch."""
+    from distvae.bench.resume import bench_resume
+
+    report = bench_resume(quick=True, kinds=("jpeg",), json_path=str(tmp_path / "resume.json"))
+    entry = report["jpeg"]
+    assert set(report) == {"settings", "jpeg"} and entry["batch_index"] > 0
+    assert entry["speedup"] == pytest.approx(entry["read_through"]["seconds"] / entry["resume"]["seconds"])
+    assert json.loads((tmp_path / "resume.json").read_text())["jpeg"]["batch_index"] == entry["batch_index"]

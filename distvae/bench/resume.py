@@ -34,13 +34,15 @@ BATCH, RESOLUTION = 64, 64
 
 
 def bench_resume(images: int = 3000, copies: int = 10, at: float = 0.9, rounds: int = 5, quick: bool = False,
-                 json_path: str | None = None) -> dict:
+                 json_path: str | None = None, kinds: tuple[str, ...] = KINDS) -> dict:
     from distvae.errors import UserError
 
     if quick:
         images, copies, rounds = 400, 2, 2
     if not 0.0 < at < 1.0 or rounds < 1 or copies < 1:
         raise UserError("--at must be between 0 and 1 (a share of the epoch), --rounds and --copies at least 1")
+    if not kinds or set(kinds) - set(KINDS):
+        raise UserError(f"--kinds {','.join(kinds)}: choose among {','.join(KINDS)}")
     with tempfile.TemporaryDirectory(prefix="distvae-bench-resume-") as tmp:
         made = synthetic_shards(Path(tmp), images, (RESOLUTION,), jpeg=True)
         npy, jpeg = (_replicated(Path(made[key]), copies) for key in (RESOLUTION, "jpeg"))
@@ -51,7 +53,7 @@ def bench_resume(images: int = 3000, copies: int = 10, at: float = 0.9, rounds: 
         report = {"settings": {"images": images, "copies": copies, "epoch_samples": epoch, "at": at,
                                "rounds": rounds, "batch": BATCH, "resolution": RESOLUTION,
                                "unit": "seconds from building the stream to the batch"}}
-        for kind in KINDS:
+        for kind in kinds:
             job = {"shards": sources[kind], "at": at}
             runs = interleaved(list(WAYS), rounds, lambda way, _, job=job: in_process("distvae.bench.resume",
                                                                                       {**job, "way": way}),
@@ -100,7 +102,7 @@ def _piped(manifest: Path) -> str:
 
 def verdict_lines(report: dict) -> list[str]:
     lines = []
-    for kind in KINDS:
+    for kind in (kind for kind in KINDS if kind in report):
         entry = report[kind]
         resume, through = entry["resume"]["seconds"], entry["read_through"]["seconds"]
         lines.append(f"resume {kind}: batch {entry['batch_index']} of the epoch in {resume:.3f} s, against "
@@ -140,6 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "epoch (10 x 2,410 = 24,100 samples)")
     parser.add_argument("--at", type=float, default=0.9, help="where to resume, as a share of the epoch")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds, the median reported")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="shard kinds to measure, a comma list of "
+                        + ", ".join(KINDS))
     parser.add_argument("--quick", action="store_true", help="400 images twice over, 2 rounds: for the tests")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distvae.bench.resume", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    bench_resume(args.images, args.copies, args.at, args.rounds, args.quick, args.json)
+    bench_resume(args.images, args.copies, args.at, args.rounds, args.quick, args.json,
+                 tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip()))
     return 0
 
 
