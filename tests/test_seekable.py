@@ -159,4 +159,7 @@ def test_gathers_copy_the_pixels_decoding_gives_at_one_stride_or_not(tmp_path, l
     assert present.all()
     np.testing.assert_array_equal(out, decoded[indices])
     assert (reader.rows[path] is None) == long_metadata
+    wider = np.zeros((9, RES, RES, 6), dtype=np.uint8)  # a view that is not contiguous: reshape would copy it
+    assert reader.gather_npy(path, indices, (RES, RES, 3), wider[..., :3], np.arange(9)).all()
+    np.testing.assert_array_equal(wider[..., :3], decoded[indices])
     reader.close()

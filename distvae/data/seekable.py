@@ -258,7 +258,7 @@ class SeekableShards:
         if url not in self.rows:
             self.rows[url] = _pixel_rows(data, shard.npy[:, 0] + shard.layout[0], count)
         rows = self.rows[url]
-        if rows is not None:  # one copy for all of them
+        if rows is not None and out.flags.c_contiguous:  # one copy for all of them (reshape is then a view)
             out.reshape(len(out), count)[slots[present]] = rows[indices[present]]
             return present
         flat, length = np.frombuffer(data, dtype=np.uint8), shard.layout[0]
