@@ -204,6 +204,30 @@ def test_workers_live_across_epochs(uneven, monkeypatch):
     assert [b.images.tolist() for b in take(resumed, 40)] == [b.images.tolist() for b in reference[20:60]]
 
 
+def test_workers_live_across_epochs_on_pipe_shards_and_keep_the_per_epoch_order(uneven, monkeypatch):
+    """pipe: shards: one DataLoader for the whole run too. Its batches are each epoch's logical workers taken in
+    turn (what a DataLoader per epoch gave), across boundaries where 28 batches do not divide among 3 workers."""
+    import distvae.data.stream as stream_module
+    from distvae.data.batches import sequential_batches
+
+    made = []
+    original = stream_module.DataLoader
+    monkeypatch.setattr(stream_module, "DataLoader", lambda *a, **k: made.append(1) or original(*a, **k))
+    piped = resolve_shards(",".join(f"pipe:cat {shard.url}" for shard in uneven))
+    stream = make_stream(piped, num_workers=3, batch_size=5, hflip=True)
+    assert not stream.spec.planned and stream.batches_per_epoch == 28
+    expected = []
+    for epoch in range(3):
+        logical = [list(sequential_batches(stream.spec, epoch, worker)) for worker in range(3)]
+        expected += [logical[batch % 3][batch // 3]["images"].tolist() for batch in range(28)]
+    assert [b.images.tolist() for b in take(stream, 3 * 28)] == expected
+    assert len(made) == 1
+    resumed = make_stream(piped, num_workers=3, batch_size=5, hflip=True)  # mid-epoch, then across two boundaries
+    resumed.seek(0, 20)
+    assert [b.images.tolist() for b in take(resumed, 60)] == expected[20:80]
+    assert (resumed.epoch, resumed.batch) == (2, 24)
+
+
 def test_condition_vectors(uneven):
     batch = take(make_stream(uneven, cond_dim=4), 1)[0]
     images, cond = batch.to("cpu")

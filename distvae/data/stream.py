@@ -14,13 +14,15 @@ t of an epoch is always the same samples in the same places, and in micro-step m
 slice [(m * world_size + r) * batch_size, + batch_size) of it. Only the global batch
 (world_size x batch_size x accum) decides what is trained on: the number of data workers never does,
 and a resume with another world size and per-rank batch at the same global batch continues exactly.
-The position is the sample where the epoch's next global batch starts (`sample_in_epoch`). Data
-workers live across epochs: one DataLoader serves the whole run, so an epoch boundary starts no process.
+The position is the sample where the epoch's next global batch starts (`sample_in_epoch`).
 
 Training on pipe: or http shards (which can only be read front to back) keeps the per-rank order:
 each rank reads a contiguous slice of the epoch's shard sequence, shuffled through a buffer. It is
 exact on resume only with the same world size, batch size and worker count; otherwise the data
 continues at the next epoch and `load_state_dict` says so. Validation reads every sample once, in order.
+
+Either way data workers live across epochs: one DataLoader serves the whole run, so an epoch boundary
+starts no process.
 
 Every rank yields the same number of whole batches per epoch. A sample that cannot be read is
 replaced by a good sample of its batch and reported; a batch with no readable sample has
@@ -151,9 +153,12 @@ class _EndlessDataset(IterableDataset):
                                            workers)
 
 
-class _EpochDataset(IterableDataset):
-    def __init__(self, spec: StreamSpec, epoch: int, start_sample: int, start_batch: int):
-        self.spec, self.epoch, self.start_sample, self.start_batch = spec, epoch, start_sample, start_batch
+class _SequentialDataset(IterableDataset):
+    """Sequential batches (pipe: and http shards) from (epoch, start_batch) on: epoch after epoch for training,
+    for a DataLoader whose workers live across epochs; one pass for validation."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, start_batch: int):
+        self.spec, self.epoch, self.start_batch = spec, epoch, start_batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -161,11 +166,19 @@ class _EpochDataset(IterableDataset):
         physical = info.id if info is not None else 0
         if info is None and workers > 1:
             raise RuntimeError("a multi-worker stream must run under a DataLoader with num_workers workers")
-        # Sequential: after a resume at batch j, physical worker 0 must play the logical worker that made
-        # batch j, so the interleaving continues unchanged.
-        worker = (physical + self.start_batch) % workers
-        skip = max(0, -(-(self.start_batch - worker) // workers))
-        yield from sequential_batches(self.spec, self.epoch, worker, skip)
+        # Logical worker w makes batches w, w + workers, ... of an epoch, and a DataLoader takes its batches from
+        # the physical workers in turn. So after `taken` batches (a resume at batch j counts as -j), physical
+        # worker p plays logical worker (p - taken) % workers: the interleaving goes on unchanged across a resume
+        # and across epoch boundaries, whatever an epoch's batch count.
+        epoch, taken = self.epoch, -self.start_batch
+        while True:
+            worker = (physical - taken) % workers
+            skip = max(0, -(-(-taken - worker) // workers)) if epoch == self.epoch else 0
+            yield from sequential_batches(self.spec, epoch, worker, skip)
+            if not self.spec.train:
+                return
+            taken += self.spec.rank_batches()
+            epoch += 1
 
 
 def check_attributes(shard: Shard, cond_dim: int) -> None:
@@ -338,27 +351,26 @@ class ShardStream:
         self.epoch, self.start_sample, self.batch = epoch + 1, 0, 0
         return f"{why}: the data continues at the start of epoch {epoch + 1}"
 
-    def _epoch(self, epoch: int, start_sample: int, start_batch: int) -> Iterator[Batch]:
-        """One epoch of sequential batches (pipe: and http training shards, validation)."""
-        dataset = _EpochDataset(self.spec, epoch, start_sample, start_batch)
+    def _validation_pass(self) -> Iterator[Batch]:
+        """Every sample once, in order (validation runs many times: its workers stay, each pass restarts them)."""
+        dataset = _SequentialDataset(self.spec, 0, 0)
         if self.num_workers == 0:
             items = iter(dataset)
-        elif not self.spec.train:  # validation runs many times: its workers stay, each pass restarts them
+        else:
             if self._validation_loader is None:
                 self._validation_loader = self._loader(dataset, persistent=True)
             items = iter(self._validation_loader)
-        else:
-            items = iter(self._loader(dataset))
-        if self.num_workers:
             _live_loaders.add(items)
         yield from map(self._to_batch, items)
 
     def _endless(self) -> Iterator[Batch]:
-        """Planned training batches from the current position on, epoch after epoch, from one source."""
+        """Training batches from the current position on, epoch after epoch, from one source: the plan's (local
+        shards), the cache's, or the sequential reader's (pipe: and http)."""
         if self.cache is not None:
             items = cached_batches(self.spec, self.cache, self.epoch, self.start_sample, self.batch)
         else:
-            dataset = _EndlessDataset(self.spec, self.epoch, self.start_sample, self.batch)
+            dataset = _EndlessDataset(self.spec, self.epoch, self.start_sample, self.batch) if self.spec.planned \
+                else _SequentialDataset(self.spec, self.epoch, self.batch)
             items = iter(dataset) if self.num_workers == 0 else iter(self._loader(dataset))
         if self.num_workers and self.cache is None:
             _live_loaders.add(items)
@@ -375,26 +387,18 @@ class ShardStream:
     def __iter__(self) -> Iterator[Batch]:
         """Endless training batches from the current position; the position advances as batches are taken."""
         if not self.spec.train:
-            yield from self._epoch(0, 0, 0)
+            yield from self._validation_pass()
             return
         if self.batch >= self.spec.rank_batches(self.start_sample):
             self.epoch, self.start_sample, self.batch = self.epoch + 1, 0, 0
-        if self.spec.planned:
-            for batch in self._endless():
-                if batch.epoch != self.epoch:
-                    self.epoch, self.start_sample, self.batch = batch.epoch, 0, 0
-                self.batch += 1
-                yield batch
-        while True:  # sequential: a DataLoader per epoch (its logical workers' shares of an epoch differ)
-            per_epoch = self.spec.rank_batches(self.start_sample)
-            if self.batch >= per_epoch:
-                self.epoch, self.start_sample, self.batch = self.epoch + 1, 0, 0
-                per_epoch = self.spec.rank_batches()
-            for batch in self._epoch(self.epoch, self.start_sample, self.batch):
-                self.batch += 1
-                yield batch
-            if self.batch < per_epoch:
-                raise RuntimeError(f"epoch {self.epoch} ended after {self.batch} of {per_epoch} batches")
+        for batch in self._endless():
+            if batch.epoch != self.epoch:
+                if self.batch != self.spec.rank_batches(self.start_sample):
+                    raise RuntimeError(f"epoch {self.epoch} ended after {self.batch} of "
+                                       f"{self.spec.rank_batches(self.start_sample)} batches")
+                self.epoch, self.start_sample, self.batch = batch.epoch, 0, 0
+            self.batch += 1
+            yield batch
 
 
 # Workers ignore SIGTERM (see _ignore_stop_signals), so multiprocessing's exit handler, which terminates
