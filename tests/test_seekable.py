@@ -11,7 +11,7 @@ from test_stream import RES, add_member, ids_of, image_for, npy_bytes, write_sha
 import distvae.data.seekable as seekable
 from distvae.data.decode import decode_sample
 from distvae.data.seekable import INDEX_SUFFIX, SeekableShards, load_index, scan_index, write_index
-from distvae.data.shards import read_samples, resolve_shards
+from distvae.data.shards import map_file, read_samples, resolve_shards
 from distvae.data.stream import ShardStream
 
 SEED = 20261208
@@ -50,7 +50,7 @@ def test_an_index_gives_exactly_what_the_headers_give_without_reading_them(tmp_p
     assert expected == all_samples(files)
     for url in files:
         assert write_index(url) == url + INDEX_SUFFIX
-        data = seekable._map(url)
+        data = map_file(url)
         loaded, scanned = load_index(url, data), scan_index(data)
         for field in ("starts", "ends", "npy"):
             np.testing.assert_array_equal(getattr(loaded, field), getattr(scanned, field))

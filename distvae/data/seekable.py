@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import ast
 import math
-import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from distvae.data.shards import _KEY, ShardError, _members, _octal
+from distvae.data.shards import _KEY, ShardError, _members, _octal, map_file
 
 
 class _MapView:
@@ -87,7 +86,7 @@ _INDEX_MAGIC = int.from_bytes(b"DVAEIDX1", "little")
 
 def write_index(url: str) -> str:
     """Write the index of a complete local shard beside it (atomically); returns its path."""
-    data = _map(url)
+    data = map_file(url)
     try:
         index = scan_index(data)
         if index.damage:
@@ -180,17 +179,11 @@ def _pixel_rows(data, starts: np.ndarray, count: int) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(flat[int(starts[0]):], (len(starts), count), (stride, 1), writeable=False)
 
 
-def _map(url: str):
-    with open(url, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-
-
 class SeekableShards:
     """Samples of local shards by index, one per data worker (a map does not cross fork/pickle boundaries).
 
-    A shard's member offsets are read from its headers on first use (payloads are not touched) and kept
-    as two int64 arrays (16 bytes a sample) for up to `keep_indexes` shards; up to `keep_maps` shards stay
+    A shard's member offsets come from its index file, or from its headers when it has none (payloads are
+    not touched), on first use; they are kept for up to `keep_indexes` shards; up to `keep_maps` shards stay
     memory-mapped (each map holds a file descriptor). A shuffle block spans far more shards than are
     mapped at once: reopening a map is cheap, indexing a shard again is not, so the two are kept apart.
     """
@@ -204,7 +197,7 @@ class SeekableShards:
     def _shard(self, url: str):
         data = self.maps.get(url)
         if data is None:
-            data = self.maps[url] = _map(url)
+            data = self.maps[url] = map_file(url)
             while len(self.maps) > self.keep_maps:
                 old_url, old = self.maps.popitem(last=False)
                 self.rows.pop(old_url, None)  # a live view of a map keeps it from being closed

@@ -195,9 +195,7 @@ class _Source:
         elif _is_remote(url):
             self.file = urllib.request.urlopen(url, timeout=timeout)
         else:
-            with open(url, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            self.map = map_file(url)
 
     def _chunk(self, size: int) -> bytes:
         if self.pipe is None:
@@ -371,6 +369,13 @@ def scan_shard(url: str) -> tuple[int, dict]:
     except ValueError:
         meta = {}
     return count, meta if isinstance(meta, dict) else {}
+
+
+def map_file(url: str):
+    """A local file memory-mapped for reading (b"" when it is empty: mmap refuses a length of 0)."""
+    with open(url, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
 
 def is_seekable(url: str) -> bool:
