@@ -217,14 +217,11 @@ def summarise(runs: dict[str, list[dict]], n: int, resolution: int, rounds: int,
             entry["conversion_share"] = statistics.median(run["conversion_cpu_seconds"] / run["cpu_seconds"]
                                                           for run in figures)
             entry["images_per_cpu_second_float_on_device"] = statistics.median(
-                run["images"] / max(run["cpu_seconds"] - run["conversion_cpu_seconds"], 1e-9)
-                for run in figures) if converted else None
+                _uint8_rate(run) for run in figures) if converted else None
             entry["images_per_cpu_second_after_setup"] = statistics.median(
                 run["images"] / max(run["cpu_seconds"] - run["setup_cpu_seconds"], 1e-9) for run in figures)
             entry["images_per_cpu_second_warm_float_on_device"] = statistics.median(
-                run["epochs"][-1]["images"] / max(run["epochs"][-1]["cpu_seconds"]
-                                                  - run["epochs"][-1]["conversion_cpu_seconds"], 1e-9)
-                for run in figures) if converted else None
+                _uint8_rate(run["epochs"][-1]) for run in figures) if converted else None
             # What each path costs the CPU to hand training a batch: distvae's ends at uint8 (Batch.to converts on
             # the device, after a 4x smaller copy); a peer as documented converts to float in __getitem__.
             ours = loader in OURS[kind]
@@ -237,6 +234,11 @@ def summarise(runs: dict[str, list[dict]], n: int, resolution: int, rounds: int,
     report["verdicts_warm"] = verdicts(warm)
     report["pass"] = {kind: v["pass"] for kind, v in report["verdicts"].items()}
     return report
+
+
+def _uint8_rate(epoch: dict) -> float:
+    """Images per CPU second of an epoch's figures without the CPU time of the uint8-to-float conversion."""
+    return epoch["images"] / max(epoch["cpu_seconds"] - epoch["conversion_cpu_seconds"], 1e-9)
 
 
 def versions() -> dict:
